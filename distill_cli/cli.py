@@ -1,0 +1,164 @@
+"""The ``distill-cli`` command: a subcommand is sugar for ``stage=<name>`` on one Hydra app.
+
+    distill-cli pretrain dataset=glyphs_source model=resnet8x4 run=demo
+    distill-cli distill -m run=demo kd.temperature=1,4 seed=0,1
+    distill-cli pretrain --cfg job
+
+Before Hydra runs a stage, every configuration the command line names (each job of a sweep
+too) is composed and checked, so a bad value fails in one line, before torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distill_cli.config import STAGES, ConfigError, check
+
+EXIT_USAGE = 2
+_SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher processes) their keys
+# Flags after which Hydra reads a value; their values are not overrides.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}  # fmt: skip
+# Flags that only print something: no stage runs, so no preflight.
+_PRINT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version",
+                "--shell-completion", "-sc", "--resolve"}  # fmt: skip
+
+
+def conf_dir() -> str:
+    """The ``conf/`` folder: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"distill-cli's conf/ folder is missing next to {here}")
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra flags (with their values) from KEY=VALUE overrides."""
+    flags, overrides, takes_value = [], [], False
+    for arg in args:
+        if takes_value or arg.startswith("-"):
+            flags.append(arg)
+            takes_value = not takes_value and arg in _VALUE_FLAGS and arg not in ("--info", "-i")
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def _one_line(exc: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages, folded into one line."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        return f"unknown {group} '{name}'; valid: {', '.join(sorted(exc.options))}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=",
+                                                            "reference_type="))]  # fmt: skip
+    return "; ".join(lines) or type(exc).__name__
+
+
+def preflight(overrides: list[str], max_jobs: int = 256) -> None:
+    """Compose and check the configuration of every job the overrides describe.
+
+    Raises:
+        ConfigError: naming the first bad key or value, in one line.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            for job in jobs[:max_jobs]:
+                check(compose(config_name="config", overrides=job))
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra/OmegaConf composition errors
+        raise ConfigError(_one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _sweep_keys(overrides: list[str]) -> list[str]:
+    """The keys a multirun sweeps over (``kd.temperature=1,4`` -> ``kd.temperature``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+
+def _job_subdir() -> str | None:
+    """In a multirun, the job's own folder, named by its swept values: ``kd.temperature=4,seed=1``.
+
+    Jobs never share files; the keys every job shares are left out of the name.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    swept = set(filter(None, os.environ.get(_SWEEP_ENV, "").split(";")))
+    parts = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept]
+    name = ",".join(parts) if parts else hc.job.override_dirname
+    return name.replace("/", "_") or f"job{hc.job.num}"
+
+
+def _task(cfg: DictConfig) -> float | None:
+    """The Hydra task: run one stage; user errors end in one line and exit code 2."""
+    from distill_cli.console import print_error
+    from distill_cli.stages import USER_ERRORS, run_stage
+
+    try:
+        return run_stage(cfg, _job_subdir())
+    except USER_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print_error(str(exc))
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print_error("interrupted; the last checkpoint written is kept")
+        sys.exit(130)
+
+
+def main() -> None:
+    """Console entry point: ``distill-cli <stage> [overrides] [Hydra flags]``."""
+    from distill_cli.console import print_error
+
+    args = sys.argv[1:]
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    if not args:
+        args = ["--help"]
+    if args[0] in STAGES:
+        args = [f"stage={args[0]}", *args[1:]]
+    elif not (args[0].startswith("-") or "=" in args[0]):
+        print_error(f"unknown command '{args[0]}'; valid: {', '.join(STAGES)}")
+        sys.exit(EXIT_USAGE)
+    flags, overrides = _split(args)
+    if not _PRINT_FLAGS.intersection(flags):
+        try:
+            preflight(overrides)
+        except ConfigError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print_error(str(exc))
+            sys.exit(EXIT_USAGE)
+    if "-m" in flags or "--multirun" in flags:
+        os.environ[_SWEEP_ENV] = ";".join(_sweep_keys(overrides))
+    sys.argv = [sys.argv[0], *flags, *overrides]  # argparse wants the overrides together
+    hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Validation of the composed configuration: types, ranges and names, before any work starts.
+
+``distill-cli pretrain stage.epochs=-1`` stops here with one line naming the key. This module
+imports neither torch nor Hydra's app machinery, so configuration errors come back fast.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+STAGES = ("pretrain", "finetune", "distill", "eval")
+MODELS = (
+    "cnn", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vit_tiny"
+)  # fmt: skip
+DATASETS = (
+    "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "usps", "stl10", "imagefolder",
+    "glyphs_source", "glyphs_target",
+)  # fmt: skip
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+KD_METHODS = ("kd", "logit_mse")
+FINETUNE_MODES = ("full", "linear", "linear_then_full")
+AMP_DTYPES = ("bfloat16", "float16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one line naming the key."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def _int(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
+
+
+def _num(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    def ok(v: Any) -> bool:
+        return _is_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+    check, text = rule
+    return (lambda v: v is None or check(v)), f"{text} or null"
+
+
+_BOOL = (lambda v: isinstance(v, bool)), "true or false"
+_STR = (lambda v: isinstance(v, str) and v != ""), "a non-empty string"
+_RUN = (
+    (lambda v: isinstance(v, str) and bool(_NAME.match(v)) and ".." not in v),
+    ("a folder name (letters, digits and . _ - = , +)"),
+)
+_CLASSES = (
+    (
+        lambda v: (
+            isinstance(v, list) and len(v) > 0 and all(_is_int(c) or isinstance(c, str) for c in v)
+        )
+    ),
+    "a non-empty list of class indices or names",
+)
+_POSITIVE = _num(0, float("inf"), lo_open=True)
+_NONNEG = _num(0, float("inf"))
+
+# Every key a configuration may hold, with its rule. Keys not listed here are refused.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "run": _optional(_RUN),
+    "tag": _optional(_RUN),
+    "seed": _int(0),
+    "out_dir": _STR,
+    "overwrite": _BOOL,
+    "stage.name": _one_of(STAGES),
+    "stage.epochs": _int(0),
+    "stage.batch_size": _int(1),
+    "stage.eval_batch_size": _int(1),
+    "stage.label_smoothing": _num(0, 1, hi_open=True),
+    "stage.from": _optional(_STR),
+    "stage.mode": _one_of(FINETUNE_MODES),
+    "stage.probe_epochs": _int(0),
+    "stage.backbone_lr_mult": _NONNEG,
+    "model.name": _one_of(MODELS),
+    "dataset.name": _one_of(DATASETS),
+    "dataset.root": _optional(_STR),
+    "dataset.download": _BOOL,
+    "dataset.shots": _optional(_int(1)),
+    "dataset.fraction": _optional(_num(0, 1, lo_open=True)),
+    "dataset.classes": _optional(_CLASSES),
+    "dataset.val_fraction": _num(0, 1, hi_open=True),
+    "dataset.val_per_class": _optional(_int(0)),
+    "dataset.subset_seed": _int(0),
+    "dataset.image_size": _optional(_int(4)),
+    "dataset.channels": _optional(((lambda v: v in (1, 3)), "1 or 3")),
+    "dataset.crop_padding": _int(0),
+    "dataset.flip": _BOOL,
+    "optimizer.name": _one_of(OPTIMIZERS),
+    "optimizer.lr": _POSITIVE,
+    "optimizer.momentum": _num(0, 1, hi_open=True),
+    "optimizer.nesterov": _BOOL,
+    "optimizer.betas": (
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1)",
+    ),
+    "optimizer.weight_decay": _NONNEG,
+    "optimizer.schedule": _one_of(SCHEDULES),
+    "optimizer.warmup_epochs": _int(0),
+    "optimizer.milestones": (
+        lambda v: isinstance(v, list) and all(_is_num(m) and 0 < m < 1 for m in v),
+        "a list of fractions in (0, 1)",
+    ),
+    "optimizer.gamma": _num(0, 1, lo_open=True),
+    "device.name": _one_of(DEVICES),
+    "device.amp": _BOOL,
+    "device.amp_dtype": _one_of(AMP_DTYPES),
+    "device.channels_last": _BOOL,
+    "device.compile": _BOOL,
+    "device.deterministic": _BOOL,
+    "device.threads": _optional(_int(1)),
+    "kd.name": _one_of(KD_METHODS),
+    "kd.temperature": _POSITIVE,
+    "kd.ce_weight": _NONNEG,
+    "kd.kd_weight": _NONNEG,
+}
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, plain value) for every leaf; lists are leaves."""
+    if isinstance(node, DictConfig):
+        for key in node:
+            if prefix == "" and key == "hydra":
+                continue
+            path = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                raise ConfigError(f"{path} is required (it is ??? in the config); set {path}=VALUE")
+            yield from _leaves(node[key], path + ".")
+    elif isinstance(node, ListConfig):
+        yield prefix[:-1], OmegaConf.to_container(node, resolve=True)
+    else:
+        yield prefix[:-1], node
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
+    for key, value in _leaves(cfg):
+        if key not in RULES:
+            raise ConfigError(f"unknown key '{key}'; see `distill-cli --help` for the valid keys")
+        ok, expected = RULES[key]
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    if cfg.dataset.shots is not None and cfg.dataset.fraction is not None:
+        raise ConfigError("set only one of dataset.shots and dataset.fraction")
+    if cfg.stage.name == "finetune" and cfg.stage.mode == "linear_then_full":
+        if cfg.stage.probe_epochs > cfg.stage.epochs:
+            raise ConfigError(
+                f"stage.probe_epochs={cfg.stage.probe_epochs} exceeds stage.epochs="
+                f"{cfg.stage.epochs}: the probe is part of the epochs"
+            )

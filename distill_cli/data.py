@@ -1,0 +1,370 @@
+r"""Datasets by name as uint8 tensors, class and sample subsets, and a tensor-resident loader.
+
+The stage layer turns the ``dataset`` config group into plain calls to this module::
+
+    distill-cli finetune dataset=usps dataset.root=../shared/data dataset.download=false \
+        dataset.shots=10
+
+which amounts to::
+
+    train = load_split("usps", "../shared/data", train=True, download=False)
+    train_idx, val_idx = split_indices(train.y, len(train.class_names), shots=10)
+    mean, std = channel_stats(train.x[train_idx])
+    loader = BatchLoader(train.x[train_idx], train.y[train_idx], 128, mean=mean, std=std,
+                         shuffle=True, crop_padding=2, device="cuda")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distill_cli.datasets import DATASETS, DOWNLOADABLE, LAYOUT
+
+__all__ = [
+    "DATASETS",
+    "BatchLoader",
+    "DataError",
+    "Split",
+    "channel_stats",
+    "convert",
+    "load_split",
+    "select_classes",
+    "split_indices",
+]
+
+# Images are processed in chunks of this many so that 60k-image datasets stay small in memory.
+_CHUNK = 4096
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+
+
+class DataError(Exception):
+    """One-line, user-facing problem with data (missing files, bad subset option...)."""
+
+
+@dataclass
+class Split:
+    """One split of a dataset, kept whole in memory.
+
+    Attributes:
+        x: Images, uint8, shape (N, C, H, W).
+        y: Labels, int64, shape (N,).
+        class_names: Name of each class, indexed by label.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    class_names: list[str]
+
+
+def load_split(name: str, root: str, train: bool, download: bool = True) -> Split:
+    """Loads the train or test split of a dataset by name.
+
+    Args:
+        name: One of DATASETS.
+        root: Folder holding the dataset files, laid out as torchvision expects.
+        train: Whether to load the training split (else the test split).
+        download: Whether torchvision may download missing files.
+
+    Raises:
+        DataError: Unknown name, files missing, or download failed.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+    try:
+        return Split(*DATASETS[name](root, train, download))
+    # torchvision reports missing files and failed downloads as RuntimeError or OSError
+    # (FileNotFoundError, URLError), some with multi-line messages; users get one line.
+    except (RuntimeError, OSError) as exc:
+        raise DataError(_load_failure(name, root, download, exc)) from exc
+
+
+def _load_failure(name: str, root: str, download: bool, exc: Exception) -> str:
+    """Builds the one-line message for a dataset that could not be read or downloaded."""
+    where = os.path.join(root, LAYOUT[name])
+    if name not in DOWNLOADABLE:
+        return f"dataset '{name}': no images found, expected {where}; set dataset.root=DIR"
+    if download:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+        return (
+            f"dataset '{name}': could not download or read it into {where} ({reason}); "
+            "check the network, or copy the files there and set dataset.download=false"
+        )
+    # torchvision's own text here suggests download=True, which is not our option's spelling.
+    return (
+        f"dataset '{name}': files not found or corrupt, expected in {where}; run with "
+        "dataset.download=true on a machine with internet, or set dataset.root=DIR"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions and subsets.
+
+
+def convert(
+    x: torch.Tensor, image_size: int | None = None, channels: int | None = None
+) -> torch.Tensor:
+    """Resizes uint8 NCHW images to a square size and converts between 1 and 3 channels.
+
+    Lets grey 28x28, grey 16x16 and RGB 32x32 datasets feed the same model. None keeps as is.
+    """
+    if channels is not None and channels not in (x.shape[1], 1, 3):
+        raise DataError(f"dataset.channels={channels} is not supported; valid: 1, 3")
+    reduce_first = channels is not None and channels < x.shape[1]
+    if reduce_first:  # fewer channels to resize
+        x = _to_channels(x, channels)
+    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = _chunked(x, lambda c: _resize(c, image_size))
+    if channels is not None and not reduce_first:
+        x = _to_channels(x, channels)
+    return x
+
+
+def _chunked(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Applies fn to consecutive chunks of images and concatenates the results."""
+    return torch.cat([fn(chunk) for chunk in x.split(_CHUNK)]) if len(x) else fn(x)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return _to_uint8(F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True))
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        return x.repeat(1, 3, 1, 1)
+    if x.shape[1] == 3 and channels == 1:
+        weights = torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)
+        return _chunked(x, lambda c: _to_uint8((c.float() * weights).sum(1, keepdim=True)))
+    raise DataError(f"cannot convert {x.shape[1]} channels to {channels}; supported: 1 <-> 3")
+
+
+def select_classes(split: Split, classes: list[int | str]) -> Split:
+    """Keeps only the listed classes (by index or name), relabelled 0..k-1 in the listed order."""
+    indices = [_class_index(c, split.class_names) for c in classes]
+    if len(set(indices)) != len(indices):
+        raise DataError(f"dataset.classes lists a class twice: {list(classes)}")
+    lookup = torch.full((len(split.class_names),), -1, dtype=torch.int64, device=split.y.device)
+    lookup[indices] = torch.arange(len(indices), device=split.y.device)
+    new_y = lookup[split.y]
+    keep = new_y >= 0
+    return Split(split.x[keep], new_y[keep], [split.class_names[i] for i in indices])
+
+
+def _class_index(cls: int | str, names: list[str]) -> int:
+    """Resolves a class given by name, index, or index written as a string."""
+    if isinstance(cls, str) and cls in names:
+        return names.index(cls)
+    if isinstance(cls, int) or (isinstance(cls, str) and cls.isdigit()):
+        if 0 <= int(cls) < len(names):
+            return int(cls)
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    raise DataError(
+        f"dataset.classes: no class {cls!r}; valid: indices 0..{len(names) - 1} or names {shown}"
+    )
+
+
+def split_indices(
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    val_fraction: float = 0.1,
+    val_per_class: int | None = None,
+    shots: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carves a class-stratified validation set, then a training subset from the rest.
+
+    Each class is shuffled once with a generator seeded by ``seed``; validation samples come
+    first, training samples next. So the validation set does not depend on shots/fraction, and
+    a K-shot training set contains every smaller-shot set of the same seed.
+
+    Args:
+        y: Labels, int64, shape (N,).
+        num_classes: Number of classes; labels outside 0..num_classes-1 are ignored.
+        val_fraction: Fraction of each class held out, in [0, 1).
+        val_per_class: Exact number held out per class; overrides val_fraction.
+        shots: Training samples per class (class-balanced subset).
+        fraction: Fraction of each class's remainder used for training, in (0, 1].
+        seed: Seed of the shuffle.
+
+    Returns:
+        (train_idx, val_idx): sorted, disjoint int64 indices into y.
+    """
+    _check_split_options(val_fraction, val_per_class, shots, fraction)
+    gen = torch.Generator().manual_seed(seed)
+    per_class = [_shuffled_class(y, c, gen) for c in range(num_classes)]
+    vals, rests = [], []
+    for members in per_class:
+        n_val = _val_count(len(members), val_fraction, val_per_class)
+        vals.append(members[:n_val])
+        rests.append(members[n_val:])
+    if shots is not None:
+        _check_shots(shots, rests)
+        trains = [rest[:shots] for rest in rests]
+    elif fraction is not None:
+        trains = [rest[: max(1, round(fraction * len(rest)))] for rest in rests]
+    else:
+        trains = rests
+    return _sorted_cat(trains), _sorted_cat(vals)
+
+
+def _check_split_options(
+    val_fraction: float, val_per_class: int | None, shots: int | None, fraction: float | None
+) -> None:
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"dataset.val_fraction={val_fraction} must be in [0, 1)")
+    if val_per_class is not None and val_per_class < 0:
+        raise DataError(f"dataset.val_per_class={val_per_class} must be >= 0")
+    if shots is not None and shots < 1:
+        raise DataError(f"dataset.shots={shots} must be >= 1")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise DataError(f"dataset.fraction={fraction} must be in (0, 1]")
+    if shots is not None and fraction is not None:
+        raise DataError("set only one of dataset.shots and dataset.fraction")
+
+
+def _shuffled_class(y: torch.Tensor, cls: int, gen: torch.Generator) -> torch.Tensor:
+    members = (y == cls).nonzero().flatten()
+    return members[torch.randperm(len(members), generator=gen)]
+
+
+def _val_count(n: int, val_fraction: float, val_per_class: int | None) -> int:
+    if val_per_class is not None:
+        return min(val_per_class, n)
+    if val_fraction == 0 or n < 2:
+        return 0
+    # At least one for validation, at least one left for training.
+    return min(max(1, round(val_fraction * n)), n - 1)
+
+
+def _check_shots(shots: int, rests: list[torch.Tensor]) -> None:
+    counts = [len(rest) for rest in rests if len(rest) > 0] or [0]
+    smallest = min(counts)
+    if shots > smallest:
+        cls = [len(rest) for rest in rests].index(smallest)
+        raise DataError(
+            f"dataset.shots={shots} is more than the {smallest} samples class {cls} has left "
+            "after the validation split; lower dataset.shots or dataset.val_fraction"
+        )
+
+
+def _sorted_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    if not parts:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat(parts).sort().values
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of uint8 NCHW images, in [0, 1] units."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for chunk in x.split(_CHUNK):
+        values = chunk.to(torch.float64) / 255
+        total += values.sum((0, 2, 3))
+        squares += values.square().sum((0, 2, 3))
+    count = max(1, x.numel() // max(1, x.shape[1]))
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader.
+
+
+class BatchLoader:
+    """Yields normalised, augmented float batches from uint8 images kept on the device.
+
+    Augmentation (random crop after zero padding, horizontal flip) runs on the whole batch at
+    once. Its randomness and the shuffle order come from a CPU generator seeded by (seed, epoch),
+    so an epoch gives the same batches on every run and on CPU and GPU alike.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: list[float],
+        std: list[float],
+        shuffle: bool = False,
+        drop_last: bool = False,
+        crop_padding: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        channels_last: bool = False,
+    ) -> None:
+        if len(x) != len(y):
+            raise DataError(f"{len(x)} images but {len(y)} labels")
+        self.device = torch.device(device)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.crop_padding, self.flip = crop_padding, flip
+        self.seed, self.epoch = seed, 0
+        self.channels_last = channels_last
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add per pixel.
+        self._scale = 1 / (255 * std_t)
+        self._shift = mean_t / std_t
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.x) // self.batch_size
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose shuffle order and augmentation the next iteration uses."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Hashes of int tuples do not depend on PYTHONHASHSEED, so this is stable across runs.
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
+        n = len(self.x)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self._augment(self.x[idx], gen)
+            images = images.float() * self._scale - self._shift
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, self.y[idx]
+
+    def _augment(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # Augmenting the uint8 batch moves a quarter of the bytes of the float batch.
+        if self.crop_padding > 0:
+            images = _random_crop(images, self.crop_padding, gen)
+        if self.flip:
+            flipped = torch.rand(len(images), generator=gen).to(images.device) < 0.5
+            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+        return images
+
+
+def _random_crop(images: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pads each image by `padding` and crops it back at a random per-image offset."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=gen).to(images.device)
+    rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (B, W)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    # Advanced indices around a slice put their dims first: the result is (B, H, W, C).
+    cropped = padded[batch, :, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()

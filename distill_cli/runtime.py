@@ -1,0 +1,147 @@
+"""Where and how a stage runs: device, seeding, autocast, logging and the manifest.
+
+``distill-cli pretrain device=cuda device.amp=true`` and ``device.deterministic=true`` land here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_cli.checkpoint import atomic_write
+
+log = logging.getLogger("distill_cli")
+
+
+class DeviceError(Exception):
+    """A device that cannot be used here; the message is one line."""
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def setup_torch(seed: int, deterministic: bool, threads: int | None) -> None:
+    """Seed every generator; optionally force deterministic kernels and set the thread count."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA when enabled; a no-op elsewhere."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
+def setup_logging(log_file: Path | None, console_handler: logging.Handler) -> None:
+    """Send the package's log records to the console and, when given, to a file."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.addHandler(console_handler)
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def close_logging() -> None:
+    """Close file handlers so the log is complete on disk."""
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            log.removeHandler(handler)
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit of the distill-cli source tree, and whether it has uncommitted changes."""
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    import hydra
+    import omegaconf
+    import torchvision
+
+    from distill_cli import __version__
+
+    return {
+        "distill_cli": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "hydra": hydra.__version__,
+        "omegaconf": omegaconf.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
+    """Write JSON atomically, indented."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def now() -> str:
+    """The local time as an ISO 8601 string with its UTC offset."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_manifest(stage: str, tag: str, run: str, seed: int, device: torch.device) -> dict:
+    """The manifest's fields known when a stage starts; the stage fills in the rest."""
+    return {
+        "stage": stage,
+        "tag": tag,
+        "run": run,
+        "seed": seed,
+        "status": "running",
+        "started": now(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "device": str(device),
+        "git": git_commit(),
+        "versions": versions(),
+        "parent": None,
+        "data": None,
+        "checkpoints": {},
+    }

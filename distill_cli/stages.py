@@ -1,0 +1,424 @@
+"""One function per stage: pretrain, finetune, distill, eval. Only this layer reads the config.
+
+    distill-cli pretrain dataset=glyphs_source model=resnet8x4 run=demo
+    distill-cli finetune dataset=glyphs_target dataset.shots=10 run=demo
+    distill-cli distill  dataset=glyphs_target dataset.shots=10 model=cnn run=demo
+    distill-cli eval run=demo
+
+Each stage reads its input from the run directory, trains with :func:`training.fit`, and leaves a
+self-describing stage folder: config.yaml, best.pt, last.pt, metrics.jsonl, metrics.json,
+stage.log, indices.json and manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli import checkpoint as ck
+from distill_cli import console, runtime
+from distill_cli.config import ConfigError
+from distill_cli.data import (
+    BatchLoader,
+    DataError,
+    channel_stats,
+    convert,
+    load_split,
+    select_classes,
+    split_indices,
+)
+from distill_cli.losses import distill_loss
+from distill_cli.models import build_model, count_params
+from distill_cli.training import TrainingError, build_optimizer, build_scheduler, evaluate, fit
+
+log = logging.getLogger("distill_cli")
+
+
+class StageError(Exception):
+    """A stage that cannot run as asked; the message is one line."""
+
+
+USER_ERRORS = (
+    StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError, TrainingError
+)  # fmt: skip
+
+
+@dataclass
+class Stage:
+    """What every stage holds while it runs."""
+
+    cfg: DictConfig
+    run_dir: Path
+    folder: Path
+    device: torch.device
+    manifest: dict = field(default_factory=dict)
+
+    def amp(self):
+        """The autocast context configured for this device."""
+        return runtime.autocast(self.device, self.cfg.device.amp, self.cfg.device.amp_dtype)
+
+    def write_manifest(self) -> None:
+        """Persist the manifest (called after every change worth keeping)."""
+        runtime.write_json(self.folder / "manifest.json", self.manifest)
+
+
+@dataclass
+class Data:
+    """Training and validation batches of one dataset, plus what a checkpoint must remember."""
+
+    train: BatchLoader
+    val: BatchLoader | None
+    num_classes: int
+    shape: tuple[int, int, int]  # channels, height, width
+    info: dict  # dataset config, class names and normalisation, saved in checkpoints
+
+
+def run_stage(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
+    """Run the stage ``cfg.stage.name``; return the best validation accuracy (for sweepers)."""
+    return STAGES[cfg.stage.name](cfg, job_subdir)
+
+
+def pretrain(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
+    """Train ``model`` on ``dataset`` from random initialisation."""
+    st = _start(cfg, job_subdir)
+    try:
+        data = _load_data(st)
+        c, h, _ = data.shape
+        model = build_model(cfg.model.name, data.num_classes, c, h).to(st.device)
+        summary = _train(st, model, data, _cross_entropy(cfg), cfg.stage.epochs)
+        return _finish(st, model, data, summary)
+    except BaseException as exc:
+        _fail(st, exc)
+        raise
+
+
+def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
+    """Load the upstream checkpoint, fit its head to the target's classes, and train on it."""
+    st = _start(cfg, job_subdir)
+    try:
+        model = _load_parent(st, "finetune")
+        data = _load_data(st)
+        _check_input(model, data, "the upstream checkpoint")
+        if model.num_classes != data.num_classes:
+            log.info("new head: %d -> %d classes", model.num_classes, data.num_classes)
+            model.reset_classifier(data.num_classes)
+        model.to(st.device)
+        loss, s = _cross_entropy(cfg), cfg.stage
+        probe = {"linear": s.epochs, "linear_then_full": s.probe_epochs}.get(s.mode, 0)
+        summary = _train(st, model, data, loss, probe, frozen_backbone=True) if probe else {}
+        if s.epochs > probe:
+            best = summary.get("best_val_acc")
+            summary = _merge(
+                summary, _train(st, model, data, loss, s.epochs - probe, first_epoch=probe + 1,
+                                best_so_far=-1.0 if best is None else best),
+            )  # fmt: skip
+        return _finish(st, model, data, summary)
+    except BaseException as exc:
+        _fail(st, exc)
+        raise
+
+
+def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
+    """Train the student ``model`` against the frozen upstream teacher with the ``kd`` loss."""
+    st = _start(cfg, job_subdir)
+    try:
+        teacher = _load_parent(st, "distill").to(st.device)
+        teacher.eval().requires_grad_(False)  # frozen: nothing below puts it back in train mode
+        data = _load_data(st)
+        _check_input(teacher, data, "the teacher")
+        if teacher.num_classes != data.num_classes:
+            raise StageError(
+                f"the teacher predicts {teacher.num_classes} classes but {cfg.dataset.name} has "
+                f"{data.num_classes} here; finetune the teacher on this dataset first "
+                f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
+            )
+        c, h, _ = data.shape
+        student = build_model(cfg.model.name, data.num_classes, c, h).to(st.device)
+        kd = OmegaConf.to_container(cfg.kd)
+        method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
+
+        def loss_fn(model, x, y):
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            logits = model(x)
+            return logits, distill_loss(logits, teacher_logits, y, method, ce_w, kd_w, **kd)
+
+        summary = _train(st, student, data, loss_fn, cfg.stage.epochs)
+        summary["teacher_params"] = count_params(teacher)
+        return _finish(st, student, data, summary)
+    except BaseException as exc:
+        _fail(st, exc)
+        raise
+
+
+def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
+    """Evaluate every checkpoint of the run on the test split of its own dataset."""
+    st = _start(cfg, job_subdir)
+    try:
+        sources = [Path(cfg.stage["from"])] if cfg.stage["from"] else ck.stage_folders(st.run_dir)
+        if not sources:
+            raise StageError(
+                f"run '{st.run_dir.name}' holds no checkpoints yet; train one first, e.g. "
+                f"`distill-cli pretrain run={st.run_dir.name}`"
+            )
+        results, test_sets = {}, {}
+        for source in sources:
+            path = ck.find_checkpoint(source)
+            name = _tag_of(path, st.run_dir)
+            results[name] = _evaluate_checkpoint(st, path, test_sets)
+            log.info(
+                "%s: top-1 %.2f%% on %s", name, results[name]["top1"], results[name]["dataset"]
+            )
+        runtime.write_json(st.folder / "metrics.json", results, sort_keys=False)  # run order
+        rows = [{"tag": tag, **r} for tag, r in results.items()]
+        console.print_table(
+            f"eval · run {st.run_dir.name} · test split of each checkpoint's dataset",
+            ["tag", "model", "params", "dataset", "top1", "top5", "nll", "best_epoch"], rows,
+        )  # fmt: skip
+        st.manifest.update(
+            status="completed", evaluated={k: r["checkpoint"] for k, r in results.items()}
+        )
+        st.write_manifest()
+        log.info("wrote %s", st.folder / "metrics.json")
+        return None
+    except BaseException as exc:
+        _fail(st, exc)
+        raise
+    finally:
+        runtime.close_logging()
+
+
+STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
+    "pretrain": pretrain, "finetune": finetune, "distill": distill, "eval": evaluate_run,
+}  # fmt: skip
+
+
+# --- helpers shared by the stages -------------------------------------------------------------
+
+
+def _start(cfg: DictConfig, job_subdir: str | None) -> Stage:
+    """Resolve run and stage folder; set up logging, device and seeds; write config, manifest."""
+    name = cfg.stage.name
+    run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
+    run_dir = Path(cfg.out_dir) / run
+    folder = run_dir / (cfg.tag or name) / (job_subdir or "")
+    replaced = None
+    if folder.exists() and (ck.has_results(folder) or (folder / "manifest.json").exists()):
+        if not (cfg.overwrite or name == "eval"):  # eval results are derived, so always kept aside
+            raise StageError(
+                f"'{folder}' already holds results; pass tag=NEW_TAG to write elsewhere, or "
+                "overwrite=true to move the old folder into the run's .replaced/ folder"
+            )
+        replaced = ck.move_aside(folder, run_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StageError(f"cannot create the stage folder '{folder}': {exc.strerror}") from None
+    ck.mark_latest(cfg.out_dir, run)
+    runtime.setup_logging(folder / "stage.log", console.log_handler())
+    if inferred:
+        how = "new run" if name == "pretrain" else "continuing the most recent run"
+        log.info("%s '%s' (pass run=NAME to choose)", how, run)
+    log.info("%s -> %s", name, folder)
+    if replaced:
+        log.info("moved the previous results to %s", replaced)
+    device = runtime.pick_device(cfg.device.name)
+    runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
+    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+    st = Stage(cfg, run_dir, folder, device)
+    st.manifest = runtime.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
+    st.write_manifest()
+    return st
+
+
+def _load_data(st: Stage) -> Data:
+    """Load the training split, carve validation and few-shot subsets, put both on the device."""
+    d, s = st.cfg.dataset, st.cfg.stage
+    split = load_split(d.name, d.root or "data", train=True, download=d.download)
+    if d.classes is not None:
+        split = select_classes(split, list(d.classes))
+    x = convert(split.x, d.image_size, d.channels)
+    num_classes = len(split.class_names)
+    train_idx, val_idx = split_indices(
+        split.y, num_classes, val_fraction=d.val_fraction, val_per_class=d.val_per_class,
+        shots=d.shots, fraction=d.fraction, seed=d.subset_seed,
+    )  # fmt: skip
+    mean, std = channel_stats(x)  # of the whole training split: the same for every subset
+    indices = {"train": train_idx.tolist(), "val": val_idx.tolist()}
+    runtime.write_json(st.folder / "indices.json", indices)
+    st.manifest["data"] = {
+        "dataset": d.name, "num_classes": num_classes, "n_train": len(train_idx),
+        "n_val": len(val_idx), "indices_file": "indices.json",
+        "indices_sha256": ck.sha256(st.folder / "indices.json"),
+    }  # fmt: skip
+    st.write_manifest()
+    log.info("%s: %d training and %d validation images, %d classes, shape %s",
+             d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
+    loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
+    train = BatchLoader(
+        x[train_idx], split.y[train_idx], s.batch_size, shuffle=True,
+        drop_last=len(train_idx) > s.batch_size, crop_padding=d.crop_padding, flip=d.flip,
+        seed=st.cfg.seed, **loader,
+    )  # fmt: skip
+    val = (
+        BatchLoader(x[val_idx], split.y[val_idx], s.eval_batch_size, **loader)
+        if len(val_idx)
+        else None
+    )
+    info = {"dataset": OmegaConf.to_container(d), "class_names": split.class_names,
+            "mean": mean, "std": std}  # fmt: skip
+    return Data(train, val, num_classes, tuple(x.shape[1:]), info)
+
+
+def _channels_last(st: Stage) -> bool:
+    return st.device.type == "cuda" and st.cfg.device.channels_last
+
+
+def _load_parent(st: Stage, stage: str) -> torch.nn.Module:
+    """Load the checkpoint a stage builds on and record it in the manifest."""
+    path = ck.stage_input(st.run_dir, stage, st.cfg.stage["from"])
+    model = ck.model_from_checkpoint(ck.load_checkpoint(path))
+    st.manifest["parent"] = {"path": str(path), "sha256": ck.sha256(path)}
+    st.write_manifest()
+    log.info("%s from %s (%s, %d parameters)", "teacher" if stage == "distill" else "weights",
+             path, model.config["name"], count_params(model))  # fmt: skip
+    return model
+
+
+def _check_input(model: torch.nn.Module, data: Data, what: str) -> None:
+    """Refuse data whose image shape differs from what the model was built for."""
+    want = (model.config["in_channels"], model.config["image_size"], model.config["image_size"])
+    if tuple(data.shape) != want:
+        c, s = want[0], want[1]
+        raise StageError(
+            f"{what} expects {c}x{s}x{s} images but the dataset gives "
+            f"{'x'.join(map(str, data.shape))}; add dataset.image_size={s} dataset.channels={c}"
+        )
+
+
+def _cross_entropy(cfg: DictConfig) -> Callable:
+    smoothing = cfg.stage.label_smoothing
+
+    def loss_fn(model, x, y):
+        logits = model(x)
+        return logits, {"loss": F.cross_entropy(logits.float(), y, label_smoothing=smoothing)}
+
+    return loss_fn
+
+
+def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbone: bool = False,
+           first_epoch: int = 1, best_so_far: float = -1.0) -> dict:  # fmt: skip
+    """Build optimizer and schedule from the config and run :func:`training.fit`."""
+    o, s = st.cfg.optimizer, st.cfg.stage
+    model.requires_grad_(True)
+    if frozen_backbone:
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+    head = [p for n, p in model.named_parameters() if n.startswith("head.") and p.requires_grad]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
+    mult = s.get("backbone_lr_mult", 1.0)
+    groups = [{"params": body, "lr": o.lr * mult}, {"params": head, "lr": o.lr}]
+    optimizer = build_optimizer(
+        groups, o.name, o.lr, o.weight_decay, o.get("momentum", 0.9), o.get("nesterov", False),
+        tuple(o.get("betas", (0.9, 0.999))),
+    )  # fmt: skip
+    steps = len(data.train) * epochs
+    scheduler = build_scheduler(optimizer, steps, o.schedule, len(data.train) * o.warmup_epochs,
+                                list(o.milestones), o.gamma)  # fmt: skip
+    total = s.epochs if st.cfg.stage.name == "finetune" else epochs
+    if frozen_backbone:
+        log.info("linear probe: backbone frozen for %d epochs", epochs)
+
+    def save(name: str, epoch: int, val_acc: float | None) -> None:
+        path = st.folder / f"{name}.pt"
+        digest = ck.save_checkpoint(
+            path, model, stage=st.cfg.stage.name, tag=st.cfg.tag or st.cfg.stage.name,
+            run=st.run_dir.name, epoch=epoch, val_acc=val_acc, seed=st.cfg.seed, **data.info,
+        )  # fmt: skip
+        st.manifest["checkpoints"][name] = {"file": path.name, "epoch": epoch, "sha256": digest}
+        st.write_manifest()
+
+    return fit(
+        model, data.train, data.val, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+        epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
+        frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
+        best_so_far=best_so_far,
+    )  # fmt: skip
+
+
+def _merge(first: dict, second: dict) -> dict:
+    """Combine the summaries of a linear probe and the finetune that follows it."""
+    if not first:
+        return second
+    merged = dict(second)
+    if second["best_epoch"] is None:  # the probe's best was never beaten
+        merged.update(best_epoch=first["best_epoch"], best_val_acc=first["best_val_acc"])
+    merged["train_time_s"] = round(first["train_time_s"] + second["train_time_s"], 3)
+    return merged
+
+
+def _finish(st: Stage, model, data: Data, summary: dict) -> float | None:
+    """Write the final metrics, complete the manifest and print the stage's summary table."""
+    summary = {
+        "stage": st.cfg.stage.name, "model": model.config["name"], "params": count_params(model),
+        "dataset": st.cfg.dataset.name, "n_train": st.manifest["data"]["n_train"],
+        "n_val": st.manifest["data"]["n_val"], "epochs": st.cfg.stage.epochs, "seed": st.cfg.seed,
+        **summary,
+    }  # fmt: skip
+    runtime.write_json(st.folder / "metrics.json", summary)
+    st.manifest.update(status="completed", finished=runtime.now())
+    st.write_manifest()
+    title = f"{st.cfg.stage.name} · {st.folder}"
+    console.print_summary(title, {k: v for k, v in summary.items() if k != "stage"})
+    runtime.close_logging()
+    return summary.get("best_val_acc")
+
+
+def _fail(st: Stage, exc: BaseException) -> None:
+    """Record a failure in the manifest; checkpoints already written stay."""
+    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+    st.manifest.update(status="failed", finished=runtime.now(), error=reason)
+    st.write_manifest()
+    if not isinstance(exc, USER_ERRORS):
+        log.exception("stage failed")
+    runtime.close_logging()
+
+
+def _tag_of(path: Path, run_dir: Path) -> str:
+    """A checkpoint's name in eval tables: its folder relative to the run."""
+    try:
+        return path.parent.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _evaluate_checkpoint(st: Stage, path: Path, test_sets: dict) -> dict[str, Any]:
+    """Top-1/top-5/NLL of one checkpoint on the test split of the dataset it was trained for."""
+    ckpt = ck.load_checkpoint(path)
+    model = ck.model_from_checkpoint(ckpt).to(st.device)
+    d = ckpt["dataset"]
+    key = json.dumps([d, ckpt["mean"], ckpt["std"]], sort_keys=True)
+    if key not in test_sets:
+        split = load_split(d["name"], d["root"] or "data", train=False, download=d["download"])
+        if d.get("classes") is not None:
+            split = select_classes(split, list(d["classes"]))
+        x = convert(split.x, d["image_size"], d["channels"])
+        test_sets[key] = BatchLoader(
+            x, split.y, st.cfg.stage.eval_batch_size, mean=ckpt["mean"], std=ckpt["std"],
+            device=st.device, channels_last=_channels_last(st),
+        )  # fmt: skip
+    scores = evaluate(model, test_sets[key], st.amp())
+    return {
+        "top1": scores["top1"], "top5": scores["top5"], "nll": scores["nll"], "n_test": scores["n"],
+        "params": count_params(model), "model": ckpt["model"]["name"], "dataset": d["name"],
+        "stage": ckpt["stage"], "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
+        "checkpoint": str(path), "sha256": ck.sha256(path),
+    }  # fmt: skip

@@ -1,0 +1,108 @@
+"""Configuration validation: every bad value is refused in one line naming the key."""
+
+import pytest
+
+from distill_cli.cli import preflight
+from distill_cli.config import RULES, STAGES, ConfigError, check
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_default_config_is_valid(make_cfg, stage):
+    check(make_cfg(f"stage={stage}"))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [
+        ("model", m)
+        for m in (
+            "cnn",
+            "resnet8",
+            "resnet20",
+            "resnet56",
+            "resnet110",
+            "resnet8x4",
+            "resnet32x4",
+            "vit_tiny",
+        )
+    ]
+    + [
+        ("dataset", d)
+        for d in (
+            "cifar10",
+            "cifar100",
+            "mnist",
+            "fashion_mnist",
+            "svhn",
+            "usps",
+            "stl10",
+            "glyphs_source",
+            "glyphs_target",
+        )
+    ]
+    + [("optimizer", o) for o in ("sgd", "adam", "adamw")]
+    + [("device", d) for d in ("auto", "cpu", "cuda")]
+    + [("kd", k) for k in ("kd", "logit_mse")],
+)
+def test_every_group_option_composes_and_checks(make_cfg, group, option):
+    check(make_cfg("stage=finetune", f"{group}={option}"))
+
+
+def test_every_yaml_key_has_a_rule(make_cfg):
+    from distill_cli.config import _leaves
+
+    for stage in STAGES:
+        for key, _ in _leaves(make_cfg(f"stage={stage}", "optimizer=adam")):
+            assert key in RULES
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("stage.epochs=-1", "stage.epochs"),
+        ("stage.epochs=abc", "stage.epochs"),
+        ("stage.batch_size=0", "stage.batch_size"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("dataset.shots=0", "dataset.shots"),
+        ("dataset.fraction=1.5", "dataset.fraction"),
+        ("dataset.channels=2", "dataset.channels"),
+        ("device.amp=maybe", "device.amp"),
+        ("kd.temperature=-2", "kd.temperature"),
+        ("seed=1.5", "seed"),
+        ("run=../escape", "run"),
+    ],
+)
+def test_bad_values_name_the_key(make_cfg, override, key):
+    with pytest.raises(ConfigError) as err:
+        check(make_cfg(override))
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_probe_longer_than_training_is_refused(make_cfg):
+    cfg = make_cfg(
+        "stage=finetune", "stage.mode=linear_then_full", "stage.probe_epochs=9", "stage.epochs=3"
+    )
+    with pytest.raises(ConfigError, match="stage.probe_epochs=9"):
+        check(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["model=resnet9000"], "unknown model 'resnet9000'; valid: cnn,"),
+        (["dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
+        (["kd=fancy"], "unknown kd 'fancy'; valid: kd, logit_mse"),
+        (["dataset.shotz=5"], "shotz"),
+        (["stage.epochs=-3"], "stage.epochs=-3 is invalid"),
+        (["stage=distill", "kd.temperature=1,-4"], "kd.temperature=-4 is invalid"),
+        (["stage=eval", "stage.from"], "stage.from"),
+    ],
+)
+def test_preflight_gives_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        preflight(overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_preflight_accepts_a_valid_sweep():
+    preflight(["stage=distill", "kd.temperature=1,4", "seed=0,1"])

@@ -1,0 +1,130 @@
+"""Each stage in-process on the built-in data with tiny settings, chained through a run folder."""
+
+import json
+
+import pytest
+import torch
+
+from distill_cli import checkpoint as ck
+from distill_cli.config import check
+from distill_cli.stages import StageError, run_stage
+from tests.conftest import TINY
+
+SRC = ["dataset=glyphs_source", *TINY]
+TGT = ["dataset=glyphs_target", "dataset.shots=3", "model=cnn", "stage.epochs=2",
+       "stage.batch_size=16"]  # fmt: skip
+
+
+def _run(make_cfg, *overrides, job=None):
+    cfg = make_cfg(*overrides)
+    check(cfg)
+    return cfg, run_stage(cfg, job)
+
+
+@pytest.fixture
+def pretrained(make_cfg):
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=r", *SRC)
+    return ck.Path(cfg.out_dir) / "r"
+
+
+def test_pretrain_writes_a_complete_stage_folder(pretrained):
+    folder = pretrained / "pretrain"
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.jsonl", "metrics.json",
+                 "stage.log", "manifest.json", "indices.json"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["seed"] == 0
+    assert manifest["data"]["indices_sha256"] == ck.sha256(folder / "indices.json")
+    assert manifest["checkpoints"]["last"]["sha256"] == ck.sha256(folder / "last.pt")
+    assert {"torch", "torchvision", "python"} <= manifest["versions"].keys()
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"train_loss", "val_acc", "lr", "images_per_sec"} <= rows[0].keys()
+    indices = json.loads((folder / "indices.json").read_text())
+    assert not set(indices["train"]) & set(indices["val"])
+
+
+def test_finetune_resets_the_head_and_records_its_parent(make_cfg, pretrained):
+    _run(make_cfg, "stage=finetune", "run=r", *TGT, "dataset.classes=[0,1,2]")
+    ckpt = ck.load_checkpoint(pretrained / "finetune" / "best.pt")
+    assert ckpt["model"]["num_classes"] == 3 and ckpt["model"]["name"] == "cnn"
+    manifest = json.loads((pretrained / "finetune" / "manifest.json").read_text())
+    assert manifest["parent"]["sha256"] == ck.sha256(pretrained / "pretrain" / "best.pt")
+    assert json.loads((pretrained / "finetune" / "indices.json").read_text())["train"]
+    assert manifest["data"]["n_train"] == 9  # 3 shots x 3 classes
+
+
+def test_linear_probe_leaves_the_backbone_untouched(make_cfg, pretrained):
+    _run(make_cfg, "stage=finetune", "run=r", *TGT, "stage.mode=linear")
+    before = ck.load_checkpoint(pretrained / "pretrain" / "best.pt")["state_dict"]
+    after = ck.load_checkpoint(pretrained / "finetune" / "last.pt")["state_dict"]
+    for key, value in before.items():
+        if not key.startswith("head."):
+            assert torch.equal(value, after[key]), key
+    assert not torch.equal(before["head.weight"][:10], after["head.weight"])
+
+
+def test_linear_then_full_numbers_epochs_across_phases(make_cfg, pretrained):
+    _run(make_cfg, "stage=finetune", "run=r", *TGT, "stage.mode=linear_then_full",
+         "stage.probe_epochs=1", "stage.backbone_lr_mult=0.1")  # fmt: skip
+    rows = (pretrained / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_distill_keeps_the_teacher_frozen_and_evaluates(make_cfg, pretrained):
+    _run(make_cfg, "stage=finetune", "run=r", *TGT)
+    teacher_before = ck.sha256(pretrained / "finetune" / "best.pt")
+    _run(make_cfg, "stage=distill", "run=r", *TGT, "model=resnet8", "kd.temperature=2")
+    assert ck.sha256(pretrained / "finetune" / "best.pt") == teacher_before
+    parts = json.loads((pretrained / "distill" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_ce", "train_kd", "train_loss"} <= parts.keys()
+    _run(make_cfg, "stage=eval", "run=r")
+    results = json.loads((pretrained / "eval" / "metrics.json").read_text())
+    assert list(results) == ["pretrain", "finetune", "distill"]
+    for r in results.values():
+        assert {"top1", "top5", "nll", "params", "dataset"} <= r.keys()
+        assert 0 <= r["top1"] <= r["top5"] <= 100
+    assert results["pretrain"]["dataset"] == "glyphs_source"
+    assert results["distill"]["dataset"] == "glyphs_target"
+    assert results["distill"]["model"] == "resnet8"
+
+
+def test_distill_refuses_a_teacher_with_other_classes(make_cfg, pretrained):
+    _run(make_cfg, "stage=finetune", "run=r", *TGT, "dataset.classes=[0,1,2]")
+    with pytest.raises(StageError, match="teacher predicts 3 classes but glyphs_target has 10"):
+        _run(make_cfg, "stage=distill", "run=r", *TGT)
+
+
+def test_input_shape_mismatch_says_which_option_fixes_it(make_cfg, pretrained):
+    with pytest.raises(StageError, match="dataset.image_size=16 dataset.channels=3"):
+        _run(make_cfg, "stage=finetune", "run=r", *TGT, "dataset.image_size=20")
+
+
+def test_rerun_is_refused_and_overwrite_moves_the_old_folder(make_cfg, pretrained):
+    old = ck.sha256(pretrained / "pretrain" / "best.pt")
+    with pytest.raises(StageError, match="already holds results"):
+        _run(make_cfg, "stage=pretrain", "run=r", *SRC)
+    assert ck.sha256(pretrained / "pretrain" / "best.pt") == old
+    _run(make_cfg, "stage=pretrain", "run=r", *SRC, "overwrite=true")
+    moved = list((pretrained / ck.REPLACED).glob("pretrain-*"))
+    assert len(moved) == 1 and ck.sha256(moved[0] / "best.pt") == old
+
+
+def test_stages_without_run_continue_the_latest(make_cfg, pretrained):
+    cfg, _ = _run(make_cfg, "stage=finetune", *TGT)  # no run=: the latest run is "r"
+    assert (pretrained / "finetune" / "best.pt").is_file()
+    assert json.loads((pretrained / "finetune" / "manifest.json").read_text())["run"] == "r"
+
+
+def test_missing_upstream_names_the_command(make_cfg):
+    with pytest.raises(ck.CheckpointError, match="run `distill-cli finetune run=empty"):
+        _run(make_cfg, "stage=distill", "run=empty", *TGT)
+
+
+def test_multirun_jobs_get_their_own_folders(make_cfg, pretrained):
+    _run(make_cfg, "stage=finetune", "run=r", *TGT)
+    for t in (1, 4):
+        _run(make_cfg, "stage=distill", "run=r", *TGT, f"kd.temperature={t}",
+             job=f"kd.temperature={t}")  # fmt: skip
+    assert (pretrained / "distill" / "kd.temperature=1" / "best.pt").is_file()
+    assert (pretrained / "distill" / "kd.temperature=4" / "best.pt").is_file()
+    assert len(ck.stage_folders(pretrained)) == 4

@@ -1,0 +1,121 @@
+"""Schedules, evaluation and the fit loop on tiny data."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from distill_cli.data import BatchLoader
+from distill_cli.models import build_model
+from distill_cli.training import (
+    TrainingError,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    fit,
+    lr_factor,
+)
+
+
+def test_lr_factor_schedules_by_hand():
+    assert lr_factor(0, 100, "cosine", 10, [], 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, "cosine", 10, [], 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, "cosine", 10, [], 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, "cosine", 10, [], 0.1) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.5))
+    )
+    assert lr_factor(49, 100, "step", 0, [0.5, 0.75], 0.1) == pytest.approx(1.0)
+    assert lr_factor(50, 100, "step", 0, [0.5, 0.75], 0.1) == pytest.approx(0.1)
+    assert lr_factor(80, 100, "step", 0, [0.5, 0.75], 0.1) == pytest.approx(0.01)
+    assert lr_factor(80, 100, "constant", 0, [], 0.1) == 1.0
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_evaluate_constant_model_by_hand():
+    # always predicts class 0 (then 1, 2): top-1 = share of class 0, top-5 covers all 3 classes
+    model = _Constant([2.0, 1.0, 0.0])
+    y = torch.tensor([0, 0, 1, 2])
+    batches = [(torch.zeros(2, 1), y[:2]), (torch.zeros(2, 1), y[2:])]
+    scores = evaluate(model, batches)
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    nll = -(2 * p[0].log() + p[1].log() + p[2].log()).item() / 4
+    assert scores["top1"] == pytest.approx(50.0)
+    assert scores["top5"] == pytest.approx(100.0)
+    assert scores["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def _tiny_loaders():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = (torch.rand(64, 1, 8, 8, generator=gen) * 60).to(torch.uint8)
+    x[y == 1, :, :4] += 150  # class 1 is bright at the top: learnable in a few steps
+    kw = dict(mean=[0.3], std=[0.3])
+    return BatchLoader(x, y, 16, shuffle=True, **kw), BatchLoader(x, y, 64, **kw)
+
+
+def _ce(model, x, y):
+    logits = model(x)
+    return logits, {"loss": torch.nn.functional.cross_entropy(logits, y)}
+
+
+def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    train, val = _tiny_loaders()
+    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.05, momentum=0.9)
+    sched = build_scheduler(opt, len(train) * 8, "cosine", 0, [], 0.1)
+    saved = []
+    summary = fit(
+        model,
+        train,
+        val,
+        loss_fn=_ce,
+        optimizer=opt,
+        scheduler=sched,
+        epochs=8,
+        save=lambda name, epoch, acc: saved.append((name, epoch, acc)),
+        metrics_file=tmp_path / "metrics.jsonl",
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert {"train_loss", "train_acc", "val_acc", "lr", "images_per_sec"} <= rows[0].keys()
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert (
+        summary["best_val_acc"] == max(r["val_acc"] for r in rows) and summary["best_val_acc"] > 90
+    )
+    assert [s for s in saved if s[0] == "last"] == [
+        ("last", r["epoch"], r["val_acc"]) for r in rows
+    ]
+    assert saved[-1][0] in ("best", "last")
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
+    train, _ = _tiny_loaders()
+    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.1)
+
+    def nan_loss(model, x, y):
+        logits = model(x)
+        return logits, {"loss": logits.sum() * float("nan")}
+
+    with pytest.raises(TrainingError, match="epoch 1, step 1"):
+        fit(
+            model,
+            train,
+            None,
+            loss_fn=nan_loss,
+            optimizer=opt,
+            scheduler=build_scheduler(opt, 4, "constant", 0, [], 0.1),
+            epochs=1,
+            save=lambda *a: None,
+            metrics_file=tmp_path / "m.jsonl",
+        )

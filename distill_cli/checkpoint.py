@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from distill_cli.config import RUN_NAME_FORMAT
 from distill_cli.models import build_model
 
 FORMAT = "distill-cli-checkpoint/1"
@@ -97,7 +98,7 @@ def resolve_run(out_dir: str | Path, run: str | None, new: bool) -> tuple[str, b
     if run is not None:
         return run, False
     if new:
-        return time.strftime("%Y-%m-%d_%H-%M-%S"), True
+        return time.strftime(RUN_NAME_FORMAT), True
     latest = out_dir / LATEST
     if latest.is_file() and (out_dir / latest.read_text().strip()).is_dir():
         return latest.read_text().strip(), True

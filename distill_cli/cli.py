@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from distill_cli.config import STAGES, ConfigError, check
+from distill_cli.config import RUN_NAME_FORMAT, STAGES, ConfigError, check
 
 EXIT_USAGE = 2
 _SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher processes) their keys
@@ -156,6 +157,9 @@ def main() -> None:
             sys.exit(EXIT_USAGE)
     if "-m" in flags or "--multirun" in flags:
         os.environ[_SWEEP_ENV] = ";".join(_sweep_keys(overrides))
+        stage = next((o[6:] for o in overrides if o.startswith("stage=")), "pretrain")
+        if stage == "pretrain" and not any(o.startswith("run=") for o in overrides):
+            overrides.append(f"run={time.strftime(RUN_NAME_FORMAT)}")  # one new run for all jobs
     sys.argv = [sys.argv[0], *flags, *overrides]  # argparse wants the overrides together
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
 

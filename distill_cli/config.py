@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 KD_METHODS = ("kd", "logit_mse")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
+RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # runs started without run=NAME are named by their start time
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
 
 

@@ -82,13 +82,24 @@ def print_summary(title: str, rows: Mapping[str, Any]) -> None:
     out.print(table)
 
 
-def print_table(title: str, columns: list[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """A table with one row per mapping; numbers right-aligned."""
+def print_table(
+    title: str, columns: list[tuple[str, str, str]], rows: Iterable[Mapping[str, Any]]
+) -> None:
+    """A table with one row per mapping; ``columns`` holds (key, header, format spec) triples.
+
+    The first column never wraps or truncates; numbers are right-aligned.
+    """
     rows = list(rows)
     table = Table(title=title, title_justify="left")
-    for col in columns:
-        numeric = any(isinstance(r.get(col), (int, float)) for r in rows)
-        table.add_column(col, justify="right" if numeric else "left")
+    for i, (key, header, _) in enumerate(columns):
+        numeric = any(isinstance(r.get(key), (int, float)) for r in rows)
+        width = max([len(str(r.get(key))) for r in rows] + [len(header)]) if i == 0 else None
+        table.add_column(header, justify="right" if numeric else "left", min_width=width,
+                         no_wrap=True)  # fmt: skip
     for row in rows:
-        table.add_row(*(_fmt(row.get(col)) for col in columns))
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, spec) if spec else str(value))
+        table.add_row(*cells)
     out.print(table)

@@ -181,7 +181,7 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> float | None
         rows = [{"tag": tag, **r} for tag, r in results.items()]
         console.print_table(
             f"eval · run {st.run_dir.name} · test split of each checkpoint's dataset",
-            ["tag", "model", "params", "dataset", "top1", "top5", "nll", "best_epoch"], rows,
+            EVAL_COLUMNS, rows,
         )  # fmt: skip
         st.manifest.update(
             status="completed", evaluated={k: r["checkpoint"] for k, r in results.items()}
@@ -195,6 +195,13 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> float | None
     finally:
         runtime.close_logging()
 
+
+# (key, header, format) of the eval table; val is the checkpoint's own validation accuracy.
+EVAL_COLUMNS = [
+    ("tag", "tag", ""), ("model", "model", ""), ("params", "params", ","),
+    ("dataset", "dataset", ""), ("val_acc", "val", ".1f"), ("top1", "top1", ".1f"),
+    ("top5", "top5", ".1f"), ("nll", "nll", ".3f"), ("best_epoch", "epoch", "d"),
+]  # fmt: skip
 
 STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
     "pretrain": pretrain, "finetune": finetune, "distill": distill, "eval": evaluate_run,

@@ -96,3 +96,10 @@ def test_cfg_job_prints_the_resolved_config(tmp_path):
     proc = ok("pretrain", "--cfg", "job", "model=resnet8x4", cwd=tmp_path)
     assert "name: resnet8x4" in proc.stdout and "name: pretrain" in proc.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_pretrain_sweep_without_run_makes_one_run(tmp_path):
+    ok("pretrain", "-m", *TARGET, *FAST, "seed=0,1", cwd=tmp_path)
+    runs = [p for p in (tmp_path / "outputs").iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 1
+    assert sorted(p.name for p in (runs[0] / "pretrain").iterdir()) == ["seed=0", "seed=1"]

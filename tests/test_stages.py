@@ -128,3 +128,15 @@ def test_multirun_jobs_get_their_own_folders(make_cfg, pretrained):
     assert (pretrained / "distill" / "kd.temperature=1" / "best.pt").is_file()
     assert (pretrained / "distill" / "kd.temperature=4" / "best.pt").is_file()
     assert len(ck.stage_folders(pretrained)) == 4
+
+
+def test_mnist_to_usps_on_the_real_files(make_cfg, shared_data):
+    real = [f"dataset.root={shared_data}", "dataset.download=false"]
+    _run(make_cfg, "stage=pretrain", "run=m2u", "dataset=mnist", "dataset.image_size=16",
+         "dataset.fraction=0.01", "model=cnn", "stage.epochs=1", *real)  # fmt: skip
+    _run(make_cfg, "stage=finetune", "run=m2u", "dataset=usps", "dataset.shots=3",
+         "stage.epochs=1", *real)  # fmt: skip
+    cfg, _ = _run(make_cfg, "stage=eval", "run=m2u")
+    results = json.loads((ck.Path(cfg.out_dir) / "m2u" / "eval" / "metrics.json").read_text())
+    assert results["pretrain"]["dataset"] == "mnist" and results["pretrain"]["n_test"] == 10000
+    assert results["finetune"]["dataset"] == "usps" and results["finetune"]["n_test"] == 2007

@@ -8,6 +8,7 @@ A run is ``<out_dir>/<run>/``; each stage writes ``<run>/<tag>/`` holding ``best
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -40,10 +41,11 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any, before_rename: Any = None) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename.
 
     A crash leaves either the old file or the new one, never a truncated file.
+    ``before_rename(tmp_path)`` runs once the new file is complete, before it replaces the old.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -55,24 +57,65 @@ def atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, **info: Any) -> str:
-    """Save the unwrapped model's weights, its build arguments and plain ``info``; return sha256."""
+def save_checkpoint(path: Path, model: torch.nn.Module, on_digest: Any = None, **info: Any) -> str:
+    """Save the unwrapped model's weights, its build arguments and plain ``info``; return sha256.
+
+    ``on_digest(sha256)`` runs before the new file replaces the old one, so a manifest can
+    record the new hash while the old file is still in place.
+    """
     model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "model": dict(model.config), "state_dict": state, **info}
-    atomic_write(path, lambda f: torch.save(payload, f))
-    return sha256(path)
+    digest: list[str] = []
+
+    def record(tmp: Path) -> None:
+        digest.append(sha256(tmp))
+        if on_digest is not None:
+            on_digest(digest[0])
+
+    atomic_write(path, lambda f: torch.save(payload, f), before_rename=record)
+    return digest[0]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain types, never code."""
+def recorded_hashes(path: Path) -> set[str] | None:
+    """The sha256 values the stage folder's manifest accepts for a checkpoint, if it has one.
+
+    Both the new hash and the one it replaces are accepted: a crash between recording and
+    renaming leaves the previous file, which is still good.
+    """
+    manifest = path.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        entry = json.loads(manifest.read_text()).get("checkpoints", {}).get(path.stem)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        return None
+    return {entry["sha256"], entry.get("previous_sha256")} - {None}
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain types, never code.
+
+    With ``verify``, a checkpoint inside a stage folder must match the sha256 its manifest
+    recorded when it was written.
+    """
     path = Path(path)
+    expected = recorded_hashes(path) if verify and path.is_file() else None
+    if expected is not None and sha256(path) not in expected:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match the sha256 recorded in "
+            f"{path.parent / 'manifest.json'}: it changed after it was written"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -85,10 +128,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "") -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its weights."""
-    model = build_model(**ckpt["model"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = build_model(**ckpt["model"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        name = ckpt.get("model", {}).get("name", "?")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise CheckpointError(
+            f"the weights in '{path}' do not fit a {name} model as described ({reason})"
+        ) from None
     return model
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from distill_cli.config import RUN_NAME_FORMAT, STAGES, ConfigError, check
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 _SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher processes) their keys
 # Flags after which Hydra reads a value; their values are not overrides.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -57,7 +58,8 @@ def _one_line(exc: Exception) -> str:
 
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        return f"unknown {group} '{name}'; valid: {', '.join(sorted(exc.options))}"
+        options = sorted(o for o in exc.options if not o.startswith("_"))  # _base: shared keys
+        return f"unknown {group} '{name}'; valid: {', '.join(options)}"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=",
                                                             "reference_type="))]  # fmt: skip
@@ -118,6 +120,7 @@ def _task(cfg: DictConfig) -> float | None:
     """The Hydra task: run one stage; user errors end in one line and exit code 2."""
     from distill_cli.console import print_error
     from distill_cli.stages import USER_ERRORS, run_stage
+    from distill_cli.training import Interrupted
 
     try:
         return run_stage(cfg, _job_subdir())
@@ -126,9 +129,10 @@ def _task(cfg: DictConfig) -> float | None:
             raise
         print_error(str(exc))
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        print_error("interrupted; the last checkpoint written is kept")
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        where = f"{exc}; " if str(exc) else ""
+        print_error(f"interrupted: {where}run the same command with stage.resume=true to continue")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def main() -> None:

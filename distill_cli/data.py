@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill_cli.datasets import DATASETS, DOWNLOADABLE, LAYOUT
+from distill_cli.datasets import DATASETS, DOWNLOADABLE, LAYOUT, UnreadableImage, read_imagefolder
 
 __all__ = [
     "DATASETS",
@@ -62,7 +62,9 @@ class Split:
     class_names: list[str]
 
 
-def load_split(name: str, root: str, train: bool, download: bool = True) -> Split:
+def load_split(
+    name: str, root: str, train: bool, download: bool = True, bad_images: str = "error"
+) -> Split:
     """Loads the train or test split of a dataset by name.
 
     Args:
@@ -70,14 +72,20 @@ def load_split(name: str, root: str, train: bool, download: bool = True) -> Spli
         root: Folder holding the dataset files, laid out as torchvision expects.
         train: Whether to load the training split (else the test split).
         download: Whether torchvision may download missing files.
+        bad_images: For image folders: "error" stops at an unreadable file, "skip" counts and
+            skips it.
 
     Raises:
-        DataError: Unknown name, files missing, or download failed.
+        DataError: Unknown name, files missing, unreadable images, or download failed.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     try:
+        if name == "imagefolder":
+            return Split(*read_imagefolder(root, train, bad_images))
         return Split(*DATASETS[name](root, train, download))
+    except UnreadableImage as exc:
+        raise DataError(str(exc)) from None
     # torchvision reports missing files and failed downloads as RuntimeError or OSError
     # (FileNotFoundError, URLError), some with multi-line messages; users get one line.
     except (RuntimeError, OSError) as exc:

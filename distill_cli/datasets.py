@@ -12,6 +12,7 @@ this module stays cheap.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -80,19 +81,43 @@ def _stl10(root: str, train: bool, download: bool) -> Arrays:
     return _arrays(ds.data, ds.labels, getattr(ds, "classes", None))
 
 
-def _imagefolder(root: str, train: bool, download: bool) -> Arrays:
-    from PIL import Image
+class UnreadableImage(ValueError):
+    """An image file in an image folder that cannot be decoded."""
+
+
+def read_imagefolder(root: str, train: bool, bad_images: str = "error") -> Arrays:
+    """A ``train/<class>/`` or ``test/<class>/`` tree; unreadable files stop it or are skipped."""
+    from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(os.path.join(root, "train" if train else "test"))
+    folder = os.path.join(root, "train" if train else "test")
+    ds = ImageFolder(folder)
     size = None
-    images = []
-    for path, _ in ds.samples:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            size = size or img.size  # every image is resized to the first one's size
-            images.append(np.asarray(img if img.size == size else img.resize(size)))
-    return _arrays(np.stack(images).transpose(0, 3, 1, 2), ds.targets, ds.classes)
+    images, labels, skipped = [], [], []
+    for path, label in ds.samples:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            if bad_images != "skip":
+                raise UnreadableImage(
+                    f"cannot read image '{path}' ({type(exc).__name__}); remove it, or pass "
+                    "dataset.bad_images=skip to skip unreadable images"
+                ) from None
+            skipped.append(path)
+            continue
+        size = size or img.size  # every image is resized to the first one's size
+        images.append(np.asarray(img if img.size == size else img.resize(size)))
+        labels.append(label)
+    if skipped:
+        logging.getLogger("distill_cli").warning(
+            "skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), folder, skipped[0]
+        )
+    return _arrays(np.stack(images).transpose(0, 3, 1, 2), labels, ds.classes)
+
+
+def _imagefolder(root: str, train: bool, download: bool) -> Arrays:
+    return read_imagefolder(root, train)
 
 
 def _glyphs(domain: str) -> Callable[[str, bool, bool], Arrays]:

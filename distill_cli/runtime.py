@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,77 @@ log = logging.getLogger("distill_cli")
 
 class DeviceError(Exception):
     """A device that cannot be used here; the message is one line."""
+
+
+class FolderLocked(Exception):
+    """Another process is writing the stage folder; the message is one line."""
+
+
+LOCK_FILE = ".lock"
+_locks: dict[Path, int] = {}  # folder -> open file descriptor holding its lock
+
+
+def lock_folder(folder: Path) -> None:
+    """Take the stage folder's lock, or raise FolderLocked naming the process that holds it.
+
+    The kernel releases an flock when its owner dies, however it dies, so a lock never outlives
+    its process; the file itself only records the owner's pid.
+    """
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderLocked(
+            f"'{folder}' is being written by another distill-cli process (pid {owner}); wait for "
+            "it to finish, or write elsewhere with tag=NEW_TAG"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _locks[folder.resolve()] = fd
+
+
+def check_unlocked(folder: Path) -> None:
+    """Raise FolderLocked if another process holds the folder's lock; take nothing."""
+    if (folder / LOCK_FILE).exists() and folder.resolve() not in _locks:
+        lock_folder(folder)
+        unlock_folder(folder)
+
+
+def unlock_folder(folder: Path) -> None:
+    """Release the folder's lock and remove the lock file."""
+    fd = _locks.pop(folder.resolve(), None)
+    if fd is not None:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        os.close(fd)
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a flag the training loop checks between steps.
+
+    A step is never cut in half, so the state saved on stopping resumes exactly. A second
+    Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def pick_device(name: str) -> torch.device:

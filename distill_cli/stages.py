@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +37,23 @@ from distill_cli.data import (
 )
 from distill_cli.losses import distill_loss
 from distill_cli.models import build_model, count_params
-from distill_cli.training import TrainingError, build_optimizer, build_scheduler, evaluate, fit
+from distill_cli.stagefolder import Stage, StageError, close, fail, finish, open_stage
+from distill_cli.training import (
+    TrainingError,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    fit,
+    set_rng,
+)
 
 log = logging.getLogger("distill_cli")
 
 
-class StageError(Exception):
-    """A stage that cannot run as asked; the message is one line."""
-
-
 USER_ERRORS = (
-    StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError, TrainingError
+    StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError,
+    runtime.FolderLocked, TrainingError,
 )  # fmt: skip
-
-
-@dataclass
-class Stage:
-    """What every stage holds while it runs."""
-
-    cfg: DictConfig
-    run_dir: Path
-    folder: Path
-    device: torch.device
-    manifest: dict = field(default_factory=dict)
-
-    def amp(self):
-        """The autocast context configured for this device."""
-        return runtime.autocast(self.device, self.cfg.device.amp, self.cfg.device.amp_dtype)
-
-    def write_manifest(self) -> None:
-        """Persist the manifest (called after every change worth keeping)."""
-        runtime.write_json(self.folder / "manifest.json", self.manifest)
 
 
 @dataclass
@@ -88,21 +74,21 @@ def run_stage(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
 
 def pretrain(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Train ``model`` on ``dataset`` from random initialisation."""
-    st = _start(cfg, job_subdir)
+    st = open_stage(cfg, job_subdir)
     try:
         data = _load_data(st)
         c, h, _ = data.shape
         model = build_model(cfg.model.name, data.num_classes, c, h).to(st.device)
         summary = _train(st, model, data, _cross_entropy(cfg), cfg.stage.epochs)
-        return _finish(st, model, data, summary)
+        return _finish(st, model, summary)
     except BaseException as exc:
-        _fail(st, exc)
+        fail(st, exc, USER_ERRORS)
         raise
 
 
 def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Load the upstream checkpoint, fit its head to the target's classes, and train on it."""
-    st = _start(cfg, job_subdir)
+    st = open_stage(cfg, job_subdir)
     try:
         model = _load_parent(st, "finetune")
         data = _load_data(st)
@@ -115,20 +101,18 @@ def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         probe = {"linear": s.epochs, "linear_then_full": s.probe_epochs}.get(s.mode, 0)
         summary = _train(st, model, data, loss, probe, frozen_backbone=True) if probe else {}
         if s.epochs > probe:
-            best = summary.get("best_val_acc")
-            summary = _merge(
-                summary, _train(st, model, data, loss, s.epochs - probe, first_epoch=probe + 1,
-                                best_so_far=-1.0 if best is None else best),
-            )  # fmt: skip
-        return _finish(st, model, data, summary)
+            full = _train(st, model, data, loss, s.epochs - probe, first_epoch=probe + 1,
+                          best=summary or None)  # fmt: skip
+            summary = _merge(summary, full)
+        return _finish(st, model, summary)
     except BaseException as exc:
-        _fail(st, exc)
+        fail(st, exc, USER_ERRORS)
         raise
 
 
 def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Train the student ``model`` against the frozen upstream teacher with the ``kd`` loss."""
-    st = _start(cfg, job_subdir)
+    st = open_stage(cfg, job_subdir)
     try:
         teacher = _load_parent(st, "distill").to(st.device)
         teacher.eval().requires_grad_(False)  # frozen: nothing below puts it back in train mode
@@ -153,15 +137,15 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
 
         summary = _train(st, student, data, loss_fn, cfg.stage.epochs)
         summary["teacher_params"] = count_params(teacher)
-        return _finish(st, student, data, summary)
+        return _finish(st, student, summary)
     except BaseException as exc:
-        _fail(st, exc)
+        fail(st, exc, USER_ERRORS)
         raise
 
 
 def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Evaluate every checkpoint of the run on the test split of its own dataset."""
-    st = _start(cfg, job_subdir)
+    st = open_stage(cfg, job_subdir)
     try:
         sources = [Path(cfg.stage["from"])] if cfg.stage["from"] else ck.stage_folders(st.run_dir)
         if not sources:
@@ -190,10 +174,10 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> float | None
         log.info("wrote %s", st.folder / "metrics.json")
         return None
     except BaseException as exc:
-        _fail(st, exc)
+        fail(st, exc, USER_ERRORS)
         raise
     finally:
-        runtime.close_logging()
+        close(st)
 
 
 # (key, header, format) of the eval table; val is the checkpoint's own validation accuracy.
@@ -211,45 +195,10 @@ STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
 # --- helpers shared by the stages -------------------------------------------------------------
 
 
-def _start(cfg: DictConfig, job_subdir: str | None) -> Stage:
-    """Resolve run and stage folder; set up logging, device and seeds; write config, manifest."""
-    name = cfg.stage.name
-    run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
-    run_dir = Path(cfg.out_dir) / run
-    folder = run_dir / (cfg.tag or name) / (job_subdir or "")
-    replaced = None
-    if folder.exists() and (ck.has_results(folder) or (folder / "manifest.json").exists()):
-        if not (cfg.overwrite or name == "eval"):  # eval results are derived, so always kept aside
-            raise StageError(
-                f"'{folder}' already holds results; pass tag=NEW_TAG to write elsewhere, or "
-                "overwrite=true to move the old folder into the run's .replaced/ folder"
-            )
-        replaced = ck.move_aside(folder, run_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StageError(f"cannot create the stage folder '{folder}': {exc.strerror}") from None
-    ck.mark_latest(cfg.out_dir, run)
-    runtime.setup_logging(folder / "stage.log", console.log_handler())
-    if inferred:
-        how = "new run" if name == "pretrain" else "continuing the most recent run"
-        log.info("%s '%s' (pass run=NAME to choose)", how, run)
-    log.info("%s -> %s", name, folder)
-    if replaced:
-        log.info("moved the previous results to %s", replaced)
-    device = runtime.pick_device(cfg.device.name)
-    runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
-    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
-    st = Stage(cfg, run_dir, folder, device)
-    st.manifest = runtime.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
-    st.write_manifest()
-    return st
-
-
 def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
     d, s = st.cfg.dataset, st.cfg.stage
-    split = load_split(d.name, d.root or "data", train=True, download=d.download)
+    split = load_split(d.name, d.root or "data", True, d.download, d.bad_images)
     if d.classes is not None:
         split = select_classes(split, list(d.classes))
     x = convert(split.x, d.image_size, d.channels)
@@ -292,7 +241,7 @@ def _channels_last(st: Stage) -> bool:
 def _load_parent(st: Stage, stage: str) -> torch.nn.Module:
     """Load the checkpoint a stage builds on and record it in the manifest."""
     path = ck.stage_input(st.run_dir, stage, st.cfg.stage["from"])
-    model = ck.model_from_checkpoint(ck.load_checkpoint(path))
+    model = ck.model_from_checkpoint(ck.load_checkpoint(path), path)
     st.manifest["parent"] = {"path": str(path), "sha256": ck.sha256(path)}
     st.write_manifest()
     log.info("%s from %s (%s, %d parameters)", "teacher" if stage == "distill" else "weights",
@@ -322,9 +271,26 @@ def _cross_entropy(cfg: DictConfig) -> Callable:
 
 
 def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbone: bool = False,
-           first_epoch: int = 1, best_so_far: float = -1.0) -> dict:  # fmt: skip
-    """Build optimizer and schedule from the config and run :func:`training.fit`."""
+           first_epoch: int = 1, best: dict | None = None) -> dict:  # fmt: skip
+    """Build optimizer and schedule from the config and run :func:`training.fit`.
+
+    When the stage resumes, the phase that holds the resume point continues from it; a phase
+    that had finished before the stop is skipped.
+    """
     o, s = st.cfg.optimizer, st.cfg.stage
+    resume = None
+    if st.resume is not None:
+        state = st.resume["train_state"]
+        done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
+        if done >= first_epoch + epochs - 1:  # this phase finished before the stop
+            return {k: state[k] for k in ("best_epoch", "best_val_acc", "last_val_acc")}
+        model.load_state_dict(st.resume["state_dict"])
+        if done >= first_epoch or state["step"]:
+            resume = state
+        else:  # stopped exactly at the end of the previous phase: a fresh optimizer, as then
+            set_rng(state["rng"])
+            best = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"]}
+        st.resume = None
     model.requires_grad_(True)
     if frozen_backbone:
         model.requires_grad_(False)
@@ -344,59 +310,47 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     if frozen_backbone:
         log.info("linear probe: backbone frozen for %d epochs", epochs)
 
-    def save(name: str, epoch: int, val_acc: float | None) -> None:
+    def save(name: str, epoch: int, val_acc: float | None, train_state: dict | None) -> None:
         path = st.folder / f"{name}.pt"
-        digest = ck.save_checkpoint(
-            path, model, stage=st.cfg.stage.name, tag=st.cfg.tag or st.cfg.stage.name,
-            run=st.run_dir.name, epoch=epoch, val_acc=val_acc, seed=st.cfg.seed, **data.info,
+        previous = st.manifest["checkpoints"].get(name, {}).get("sha256")
+
+        def record(digest: str) -> None:  # before the rename: a crash leaves a known file
+            entry = {"file": path.name, "epoch": epoch, "sha256": digest}
+            st.manifest["checkpoints"][name] = {**entry, "previous_sha256": previous}
+            st.write_manifest()
+
+        extra = {"train_state": train_state} if train_state else {}
+        ck.save_checkpoint(
+            path, model, on_digest=record, stage=st.cfg.stage.name,
+            tag=st.cfg.tag or st.cfg.stage.name, run=st.run_dir.name, epoch=epoch,
+            val_acc=val_acc, seed=st.cfg.seed, **data.info, **extra,
         )  # fmt: skip
-        st.manifest["checkpoints"][name] = {"file": path.name, "epoch": epoch, "sha256": digest}
-        st.write_manifest()
 
     return fit(
         model, data.train, data.val, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
         frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
-        best_so_far=best_so_far,
+        best=best, resume=resume,
     )  # fmt: skip
 
 
 def _merge(first: dict, second: dict) -> dict:
-    """Combine the summaries of a linear probe and the finetune that follows it."""
-    if not first:
-        return second
+    """Combine the summaries of a linear probe and the finetune after it (which knows the best)."""
     merged = dict(second)
-    if second["best_epoch"] is None:  # the probe's best was never beaten
-        merged.update(best_epoch=first["best_epoch"], best_val_acc=first["best_val_acc"])
-    merged["train_time_s"] = round(first["train_time_s"] + second["train_time_s"], 3)
+    times = [d.get("train_time_s") for d in (first, second) if d.get("train_time_s") is not None]
+    merged["train_time_s"] = round(sum(times), 3) if times else None
     return merged
 
 
-def _finish(st: Stage, model, data: Data, summary: dict) -> float | None:
-    """Write the final metrics, complete the manifest and print the stage's summary table."""
+def _finish(st: Stage, model, summary: dict) -> float | None:
+    """The stage's final metrics: what was trained on what, and how it went."""
     summary = {
         "stage": st.cfg.stage.name, "model": model.config["name"], "params": count_params(model),
         "dataset": st.cfg.dataset.name, "n_train": st.manifest["data"]["n_train"],
         "n_val": st.manifest["data"]["n_val"], "epochs": st.cfg.stage.epochs, "seed": st.cfg.seed,
         **summary,
     }  # fmt: skip
-    runtime.write_json(st.folder / "metrics.json", summary)
-    st.manifest.update(status="completed", finished=runtime.now())
-    st.write_manifest()
-    title = f"{st.cfg.stage.name} · {st.folder}"
-    console.print_summary(title, {k: v for k, v in summary.items() if k != "stage"})
-    runtime.close_logging()
-    return summary.get("best_val_acc")
-
-
-def _fail(st: Stage, exc: BaseException) -> None:
-    """Record a failure in the manifest; checkpoints already written stay."""
-    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
-    st.manifest.update(status="failed", finished=runtime.now(), error=reason)
-    st.write_manifest()
-    if not isinstance(exc, USER_ERRORS):
-        log.exception("stage failed")
-    runtime.close_logging()
+    return finish(st, summary)
 
 
 def _tag_of(path: Path, run_dir: Path) -> str:
@@ -410,11 +364,12 @@ def _tag_of(path: Path, run_dir: Path) -> str:
 def _evaluate_checkpoint(st: Stage, path: Path, test_sets: dict) -> dict[str, Any]:
     """Top-1/top-5/NLL of one checkpoint on the test split of the dataset it was trained for."""
     ckpt = ck.load_checkpoint(path)
-    model = ck.model_from_checkpoint(ckpt).to(st.device)
+    model = ck.model_from_checkpoint(ckpt, path).to(st.device)
     d = ckpt["dataset"]
     key = json.dumps([d, ckpt["mean"], ckpt["std"]], sort_keys=True)
     if key not in test_sets:
-        split = load_split(d["name"], d["root"] or "data", train=False, download=d["download"])
+        split = load_split(d["name"], d["root"] or "data", False, d["download"],
+                           d.get("bad_images", "error"))  # fmt: skip
         if d.get("classes") is not None:
             split = select_classes(split, list(d["classes"]))
         x = convert(split.x, d["image_size"], d["channels"])

@@ -12,19 +12,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from distill_cli.console import StageProgress
+from distill_cli.runtime import StopRequest
 
 log = logging.getLogger("distill_cli")
 
 # (model, images, labels) -> (logits, {"loss": total, other named terms...})
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-# (name "best" | "last", epoch, validation accuracy or None) -> None
-SaveFn = Callable[[str, int, float | None], None]
+# (name "best" | "last", epoch, validation accuracy or None, training state or None) -> None
+SaveFn = Callable[[str, int, float | None, dict | None], None]
 
 
 class TrainingError(Exception):
@@ -111,6 +113,26 @@ def set_train_mode(model: torch.nn.Module, frozen_backbone: bool) -> None:
         model.head.train()
 
 
+@dataclass
+class Tally:
+    """Running sums of one epoch; saved on interruption so that the epoch resumes exactly."""
+
+    lr: float
+    step: int = 0
+    count: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a resumable ``last.pt``."""
+
+
+class _Stopped(Exception):
+    """Raised between two steps when a stop was requested."""
+
+
 def fit(
     model: torch.nn.Module,
     train: Iterable,
@@ -126,60 +148,114 @@ def fit(
     frozen_backbone: bool = False,
     first_epoch: int = 1,
     total_epochs: int | None = None,
-    best_so_far: float = -1.0,
+    best: dict | None = None,
+    resume: dict | None = None,
 ) -> dict:
-    """Train for ``epochs`` epochs; validate, log, and checkpoint (last, and best on validation).
+    """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
+
+    ``best`` carries the best epoch and accuracy of an earlier phase (a linear probe).
+    ``last.pt`` after every epoch carries the training state (optimizer, schedule, RNG, best so
+    far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
+    SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
 
     Returns:
         Summary with ``best_epoch``, ``best_val_acc``, ``last_val_acc``, ``train_time_s`` and
         ``images_per_sec``. Without a validation set the last epoch counts as the best.
     """
-    total_epochs = total_epochs or first_epoch + epochs - 1
-    steps = len(train) * epochs  # type: ignore[arg-type]
-    best = {"best_epoch": None, "best_val_acc": best_so_far if best_so_far >= 0 else None}
-    seen, train_time, last_val = 0, 0.0, None
-    with StageProgress(steps, "training") as progress:
-        for epoch in range(first_epoch, first_epoch + epochs):
-            row = _train_epoch(
-                model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone, progress,
-                epoch, total_epochs,
-            )  # fmt: skip
-            seen += row.pop("images")
-            train_time += row["epoch_time_s"]
+    end = first_epoch + epochs
+    total_epochs = total_epochs or end - 1
+    best = best or {}
+    state = {"best_epoch": best.get("best_epoch"), "best_val_acc": best.get("best_val_acc"),
+             "last_val_acc": None, "seen": 0, "train_time": 0.0}  # fmt: skip
+    start, tally = first_epoch, None
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng(resume["rng"])
+        state.update({k: resume[k] for k in state})
+        start = resume["epoch"] if resume["step"] else resume["epoch"] + 1
+        tally = Tally(**resume["tally"]) if resume["step"] else None
+
+    def train_state(epoch: int, tally: Tally | None) -> dict:
+        return {
+            "epoch": epoch, "step": tally.step if tally else 0,
+            "tally": asdict(tally) if tally else None, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _get_rng(), **state,
+        }  # fmt: skip
+
+    steps = len(train) * (end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
+    with StageProgress(steps, "training") as progress, StopRequest() as stop:
+        for epoch in range(start, end):
+            tally = tally or Tally(lr=optimizer.param_groups[-1]["lr"])
+            try:
+                _train_epoch(model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone,
+                             progress, epoch, total_epochs, tally, stop)  # fmt: skip
+            except _Stopped:
+                save("last", epoch, state["last_val_acc"], train_state(epoch, tally))
+                raise Interrupted(
+                    f"stopped by {stop.signal} at epoch {epoch}, step {tally.step}"
+                ) from None
+            row = _row(epoch, tally)
+            state["seen"] += tally.count
+            state["train_time"] += tally.seconds
             if val is not None:
                 scores = evaluate(model, val, amp)
                 row.update(val_acc=scores["top1"], val_top5=scores["top5"], val_nll=scores["nll"])
-                last_val = scores["top1"]
+                state["last_val_acc"] = scores["top1"]
             improved = (
-                val is None or best["best_val_acc"] is None or last_val > best["best_val_acc"]
+                val is None
+                or state["best_val_acc"] is None
+                or (state["last_val_acc"] > state["best_val_acc"])
             )
-            save("last", epoch, last_val)
-            if improved:
-                best = {"best_epoch": epoch, "best_val_acc": last_val}
-                save("best", epoch, last_val)
+            # The row first, then best, then last: last.pt marks what is done, and a resume drops
+            # rows past its epoch, so a crash anywhere in between repeats the epoch identically.
             with open(metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            if improved:
+                state.update(best_epoch=epoch, best_val_acc=state["last_val_acc"])
+                save("best", epoch, state["last_val_acc"], None)
+            save("last", epoch, state["last_val_acc"], train_state(epoch, None))
             log.info(_epoch_line(row))
+            tally = None
+            if stop.signal:
+                raise Interrupted(f"stopped by {stop.signal} after epoch {epoch}")
     return {
-        **best,
-        "last_val_acc": last_val,
-        "train_time_s": round(train_time, 3),
-        "images_per_sec": round(seen / train_time, 1) if train_time > 0 else None,
+        "best_epoch": state["best_epoch"],
+        "best_val_acc": state["best_val_acc"],
+        "last_val_acc": state["last_val_acc"],
+        "train_time_s": round(state["train_time"], 3),
+        "images_per_sec": round(state["seen"] / state["train_time"], 1)
+        if state["train_time"] > 0
+        else None,
     }
 
 
+def _get_rng() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng(rng: dict) -> None:
+    """Restore the random generators saved in a training state."""
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def _train_epoch(
-    model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone, progress, epoch, epochs
-) -> dict:
-    """One pass over the training batches; returns the epoch's metrics row."""
+    model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone, progress, epoch, epochs,
+    tally: Tally, stop: StopRequest,
+) -> None:  # fmt: skip
+    """One pass over the training batches, accumulating into ``tally``."""
     set_train_mode(model, frozen_backbone)
     if hasattr(train, "set_epoch"):
         train.set_epoch(epoch)
-    sums: dict[str, float] = {}
-    correct = count = 0
-    lr = optimizer.param_groups[-1]["lr"]
-    start = time.perf_counter()
+    done = tally.step  # resumed mid-epoch: these batches were trained on before the stop
+    tick = time.perf_counter()
     for step, (x, y) in enumerate(train, start=1):
+        if step <= done:
+            tick = time.perf_counter()
+            continue
         with amp or contextlib.nullcontext():
             logits, parts = loss_fn(model, x, y)
         loss = parts["loss"]
@@ -194,16 +270,25 @@ def _train_epoch(
         optimizer.step()
         scheduler.step()
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + value.item() * len(y)
-        correct += (logits.argmax(dim=1) == y).sum().item()
-        count += len(y)
-        elapsed = time.perf_counter() - start
-        progress.update(epoch, epochs, sums["loss"] / count, 100 * correct / count, count / elapsed)
-    elapsed = time.perf_counter() - start
-    row = {"epoch": epoch, "lr": lr, "images": count, "epoch_time_s": round(elapsed, 3)}
-    row.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
-    row["train_acc"] = 100 * correct / max(count, 1)
-    row["images_per_sec"] = round(count / elapsed, 1) if elapsed > 0 else None
+            tally.sums[name] = tally.sums.get(name, 0.0) + value.item() * len(y)
+        tally.correct += (logits.argmax(dim=1) == y).sum().item()
+        tally.count += len(y)
+        tally.step = step
+        now = time.perf_counter()  # the time since the last step: batch preparation included
+        tally.seconds += now - tick
+        tick = now
+        progress.update(epoch, epochs, tally.sums["loss"] / tally.count,
+                        100 * tally.correct / tally.count, tally.count / tally.seconds)  # fmt: skip
+        if stop.signal:
+            raise _Stopped
+
+
+def _row(epoch: int, tally: Tally) -> dict:
+    """The metrics row of a finished epoch."""
+    row = {"epoch": epoch, "lr": tally.lr, "epoch_time_s": round(tally.seconds, 3)}
+    row.update({f"train_{k}": v / max(tally.count, 1) for k, v in tally.sums.items()})
+    row["train_acc"] = 100 * tally.correct / max(tally.count, 1)
+    row["images_per_sec"] = round(tally.count / tally.seconds, 1) if tally.seconds > 0 else None
     return row
 
 

@@ -82,7 +82,7 @@ def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
         optimizer=opt,
         scheduler=sched,
         epochs=8,
-        save=lambda name, epoch, acc: saved.append((name, epoch, acc)),
+        save=lambda name, epoch, acc, state: saved.append((name, epoch, acc)),
         metrics_file=tmp_path / "metrics.jsonl",
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -128,7 +128,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, mak
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
     try:
-        with pytest.raises(StageError, match=r"another distill-cli process \(pid \d+\)"):
+        with pytest.raises(runtime.FolderLocked, match=r"another distill-cli process \(pid \d+\)"):
             run_stage(make_cfg(*RUN[1:], "overwrite=true"))
         assert folder.exists()  # overwrite=true did not move a folder in use
     finally:
@@ -224,10 +224,10 @@ def test_image_folder_with_unreadable_images(tmp_path, make_cfg):
     "args,message",
     [
         (["pretrain", "optimizer=lamb"], "unknown optimizer 'lamb'; valid: adam, adamw, sgd"),
-        (["pretrain", "stage=warmup"], "unknown stage 'warmup'; valid: distill, eval, finetune"),
+        (["stage=warmup"], "unknown stage 'warmup'; valid: distill, eval, finetune"),
         (["pretrain", "kd=fitnet"], "unknown kd 'fitnet'; valid: kd, logit_mse"),
         (["pretrain", "dataset=glyphs_target", "dataset.classes=[0,99]"], "99"),
-        (["eval", "stage.from=missing.pt"], "'missing.pt' does not exist"),
+        (["eval", "run=x", "stage.from=missing.pt"], "'missing.pt' does not exist"),
     ],
 )
 def test_more_bad_input_one_line(tmp_path, args, message):

@@ -1,0 +1,216 @@
+"""The stage folder a stage writes: claiming it safely, resuming it, and closing it.
+
+    distill-cli pretrain run=demo                      # outputs/demo/pretrain/
+    distill-cli pretrain run=demo stage.resume=true    # continue an interrupted run there
+
+A folder is claimed under a lock (a second writer is refused), never silently reused: results
+are kept unless ``overwrite=true`` moves them aside, and an unfinished run is offered a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli import checkpoint as ck
+from distill_cli import console, runtime
+from distill_cli.training import Interrupted
+
+log = logging.getLogger("distill_cli")
+_NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change
+
+
+class StageError(Exception):
+    """A stage that cannot run as asked; the message is one line."""
+
+
+@dataclass
+class Stage:
+    """What every stage holds while it runs."""
+
+    cfg: DictConfig
+    run_dir: Path
+    folder: Path
+    device: torch.device
+    manifest: dict = field(default_factory=dict)
+    resume: dict | None = None  # the last.pt checkpoint to continue from, until it is used
+
+    def amp(self):
+        """The autocast context configured for this device."""
+        return runtime.autocast(self.device, self.cfg.device.amp, self.cfg.device.amp_dtype)
+
+    def write_manifest(self) -> None:
+        """Persist the manifest (called after every change worth keeping)."""
+        runtime.write_json(self.folder / "manifest.json", self.manifest)
+
+
+def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
+    """Resolve run and folder, claim the folder, set up logging, device and seeds."""
+    name = cfg.stage.name
+    run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
+    run_dir = Path(cfg.out_dir) / run
+    folder = run_dir / (cfg.tag or name) / (job_subdir or "")
+    resume, replaced = _claim(cfg, folder, run_dir)
+    ck.mark_latest(cfg.out_dir, run)
+    runtime.setup_logging(folder / "stage.log", console.log_handler())
+    if inferred:
+        how = "new run" if name == "pretrain" else "continuing the most recent run"
+        log.info("%s '%s' (pass run=NAME to choose)", how, run)
+    log.info("%s -> %s", name, folder)
+    if replaced:
+        log.info("moved the previous results to %s", replaced)
+    device = runtime.pick_device(cfg.device.name)
+    runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
+    st = Stage(cfg, run_dir, folder, device, resume=resume)
+    if resume is None:
+        OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+        st.manifest = runtime.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
+    else:
+        state = resume["train_state"]
+        log.info("resuming from last.pt: epoch %d, step %d", state["epoch"], state["step"])
+        st.manifest = json.loads((folder / "manifest.json").read_text())
+        st.manifest.setdefault("resumed", []).append(
+            {"at": runtime.now(), "epoch": state["epoch"], "step": state["step"]}
+        )
+        st.manifest.update(status="running", device=str(device))
+    st.write_manifest()
+    return st
+
+
+def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """Make ``folder`` ours: refuse, move aside, or prepare a resume. Returns (resume, moved)."""
+    resume = moved = None
+    if folder.exists():
+        runtime.check_unlocked(folder)
+    used = folder.exists() and (ck.has_results(folder) or (folder / "manifest.json").exists())
+    wants_resume = bool(cfg.stage.get("resume", False))
+    if used and not wants_resume and _unfinished(folder) and _ask_resume(folder):
+        wants_resume = True
+    if wants_resume:
+        resume = _resume_point(cfg, folder)
+    elif used and (cfg.overwrite or cfg.stage.name == "eval"):  # eval results are derived
+        moved = ck.move_aside(folder, run_dir)
+    elif used:
+        hint = "pass tag=NEW_TAG to write elsewhere, or overwrite=true to move it into .replaced/"
+        if _unfinished(folder):
+            raise StageError(
+                f"'{folder}' holds an unfinished run ({_progress(folder)}): pass "
+                "stage.resume=true to continue it; or " + hint
+            )
+        raise StageError(f"'{folder}' already holds results; {hint}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        runtime.lock_folder(folder)
+    except (NotADirectoryError, PermissionError, FileExistsError, OSError) as exc:
+        if isinstance(exc, runtime.FolderLocked):
+            raise
+        raise StageError(f"cannot write the stage folder '{folder}': {exc.strerror}") from None
+    if resume is not None:
+        _truncate_metrics(folder / "metrics.jsonl", resume["train_state"])
+    return resume, moved
+
+
+def _unfinished(folder: Path) -> bool:
+    """A folder whose run stopped before its last epoch and left a resumable last.pt."""
+    try:
+        status = json.loads((folder / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return False
+    return status != "completed" and (folder / "last.pt").is_file()
+
+
+def _progress(folder: Path) -> str:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    epoch = manifest.get("checkpoints", {}).get("last", {}).get("epoch")
+    return f"status {manifest.get('status')}, last checkpoint at epoch {epoch}"
+
+
+def _ask_resume(folder: Path) -> bool:
+    """At a terminal, offer to resume an unfinished run; elsewhere, never guess."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    from rich.prompt import Confirm
+
+    return Confirm.ask(f"'{folder}' holds an unfinished run ({_progress(folder)}). Resume it?",
+                       console=console.err, default=True)  # fmt: skip
+
+
+def _resume_point(cfg: DictConfig, folder: Path) -> dict:
+    """The last.pt to continue from, after checking the run is unfinished and configured alike."""
+    if not (folder / "last.pt").is_file():
+        raise StageError(f"nothing to resume in '{folder}': it holds no last.pt")
+    if not _unfinished(folder):
+        raise StageError(f"'{folder}' finished all its epochs; nothing to resume")
+    old = OmegaConf.load(folder / "config.yaml")
+    for key, (was, now) in _differences(old, cfg).items():
+        raise StageError(
+            f"cannot resume '{folder}' with a different configuration: {key} was {was!r}, now "
+            f"{now!r}; use the original values, or start anew with overwrite=true"
+        )
+    ckpt = ck.load_checkpoint(folder / "last.pt")
+    if not ckpt.get("train_state"):
+        raise StageError(f"'{folder / 'last.pt'}' holds no training state to resume from")
+    return ckpt
+
+
+def _differences(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two configs, except those a resume may change."""
+    flat = [_flatten(OmegaConf.to_container(c, resolve=True)) for c in (old, new)]
+    keys = (flat[0].keys() | flat[1].keys()) - _NOT_COMPARED
+    pairs = {k: (flat[0].get(k), flat[1].get(k)) for k in sorted(keys)}
+    return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key != "hydra":
+            out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _truncate_metrics(path: Path, state: dict) -> None:
+    """Drop rows of epochs after the resume point: they will be trained again."""
+    if not path.is_file():
+        return
+    done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
+    rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["epoch"] <= done]
+    ck.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+
+
+def finish(st: Stage, summary: dict) -> float | None:
+    """Write the final metrics, complete the manifest, print the summary table."""
+    runtime.write_json(st.folder / "metrics.json", summary)
+    st.manifest.update(status="completed", finished=runtime.now())
+    st.write_manifest()
+    title = f"{st.cfg.stage.name} · {st.folder}"
+    console.print_summary(title, {k: v for k, v in summary.items() if k != "stage"})
+    close(st)
+    return summary.get("best_val_acc")
+
+
+def fail(st: Stage, exc: BaseException, user_errors: tuple) -> None:
+    """Record a failure or an interruption in the manifest; checkpoints already written stay."""
+    stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+    reason = str(exc) or type(exc).__name__
+    st.manifest.update(status="interrupted" if stopped else "failed", finished=runtime.now(),
+                       error=reason)  # fmt: skip
+    st.write_manifest()
+    if not (stopped or isinstance(exc, user_errors)):
+        log.exception("stage failed")
+    close(st)
+
+
+def close(st: Stage) -> None:
+    """Release the folder's lock and flush the log file."""
+    runtime.unlock_folder(st.folder)
+    runtime.close_logging()

@@ -121,7 +121,10 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{path}' does not exist") from None
     except Exception as exc:  # truncated, corrupted or unsafe pickles all land here
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+        if "Weights only load failed" in text:
+            reason = "it holds objects other than tensors and plain types, which could run code"
         raise CheckpointError(f"checkpoint '{path}' cannot be loaded safely: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a distill-cli checkpoint (no '{FORMAT}' marker)")

@@ -10,6 +10,7 @@ too) is composed and checked, so a bad value fails in one line, before torch is 
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from distill_cli.config import RUN_NAME_FORMAT, STAGES, ConfigError, check
+from distill_cli.config import RULES, RUN_NAME_FORMAT, STAGES, ConfigError, check
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
@@ -60,7 +61,13 @@ def _one_line(exc: Exception) -> str:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         options = sorted(o for o in exc.options if not o.startswith("_"))  # _base: shared keys
         return f"unknown {group} '{name}'; valid: {', '.join(options)}"
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = str(exc)
+    if text.startswith("Could not override '"):  # a key that is not in the config
+        key = text.split("'")[1]
+        near = difflib.get_close_matches(key, list(RULES), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        return f"unknown key '{key}'; {hint}`distill-cli --help` lists every key"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=",
                                                             "reference_type="))]  # fmt: skip
     return "; ".join(lines) or type(exc).__name__

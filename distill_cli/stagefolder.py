@@ -95,7 +95,9 @@ def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, P
         wants_resume = True
     if wants_resume:
         resume = _resume_point(cfg, folder)
-    elif used and (cfg.overwrite or cfg.stage.name == "eval"):  # eval results are derived
+    elif used and (cfg.overwrite or cfg.stage.name == "eval" or not ck.has_results(folder)):
+        # eval results are derived; an attempt that failed before any checkpoint holds only its
+        # log and manifest, kept in .replaced/ for reading
         moved = ck.move_aside(folder, run_dir)
     elif used:
         hint = "pass tag=NEW_TAG to write elsewhere, or overwrite=true to move it into .replaced/"

@@ -140,3 +140,15 @@ def test_mnist_to_usps_on_the_real_files(make_cfg, shared_data):
     results = json.loads((ck.Path(cfg.out_dir) / "m2u" / "eval" / "metrics.json").read_text())
     assert results["pretrain"]["dataset"] == "mnist" and results["pretrain"]["n_test"] == 10000
     assert results["finetune"]["dataset"] == "usps" and results["finetune"]["n_test"] == 2007
+
+
+def test_a_failed_attempt_does_not_block_the_next_run(make_cfg):
+    with pytest.raises(ck.CheckpointError):
+        _run(make_cfg, "stage=finetune", "run=f", *TGT, "stage.from=nowhere.pt")
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=f", "tag=finetune", *TGT)
+    run_dir = ck.Path(cfg.out_dir) / "f"
+    assert (run_dir / "finetune" / "best.pt").is_file()
+    kept = list((run_dir / ck.REPLACED).glob("finetune-*"))
+    assert (
+        len(kept) == 1 and json.loads((kept[0] / "manifest.json").read_text())["status"] == "failed"
+    )

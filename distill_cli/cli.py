@@ -19,7 +19,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from distill_cli.config import RULES, RUN_NAME_FORMAT, STAGES, ConfigError, check
+from distill_cli.config import (
+    RULES,
+    RUN_NAME_FORMAT,
+    STAGES,
+    TORCHVISION_MODELS,
+    ConfigError,
+    check,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
@@ -64,6 +71,8 @@ def _one_line(exc: Exception) -> str:
     text = str(exc)
     if text.startswith("Could not override '"):  # a key that is not in the config
         key = text.split("'")[1]
+        if key == "model.weights":
+            return "model.weights applies to " + ", ".join(TORCHVISION_MODELS)
         near = difflib.get_close_matches(key, list(RULES), n=1)
         hint = f"did you mean {near[0]}? " if near else ""
         return f"unknown key '{key}'; {hint}`distill-cli --help` lists every key"
@@ -152,6 +161,8 @@ def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     if not args:
         args = ["--help"]
+    if args[0] == "export":  # `export ... format=onnx` is short for stage.format=onnx
+        args = [f"stage.{a}" if a.startswith("format=") else a for a in args]
     if args[0] in STAGES:
         args = [f"stage={args[0]}", *args[1:]]
     elif not (args[0].startswith("-") or "=" in args[0]):

@@ -12,10 +12,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-STAGES = ("pretrain", "finetune", "distill", "eval")
+STAGES = ("pretrain", "finetune", "distill", "eval", "export")
 MODELS = (
-    "cnn", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vit_tiny"
+    "cnn", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vit_tiny",
+    "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "lstm_rows",
+    "resnet18", "resnet50", "mobilenet_v3_small",
 )  # fmt: skip
+TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v3_small")  # accept model.weights
 DATASETS = (
     "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "usps", "stl10", "imagefolder",
     "glyphs_source", "glyphs_target",
@@ -96,7 +99,27 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.mode": _one_of(FINETUNE_MODES),
     "stage.probe_epochs": _int(0),
     "stage.backbone_lr_mult": _NONNEG,
+    "stage.datasets": _optional(
+        (lambda v: isinstance(v, list) and all(d in DATASETS for d in v), "a list of dataset names")
+    ),  # fmt: skip
+    "stage.class_map": _optional(
+        (
+            (
+                lambda v: (
+                    isinstance(v, dict)
+                    and all(isinstance(m, list) and all(_is_int(i) for i in m) for m in v.values())
+                )
+            ),
+            "a mapping of dataset name to a list of class indices",
+        )
+    ),  # fmt: skip
+    "stage.calibration_bins": _int(1),
+    "stage.latency_runs": _int(1),
+    "stage.throughput_batch": _int(1),
+    "stage.plots": _BOOL,
+    "stage.format": _one_of(("onnx", "torchscript")),
     "model.name": _one_of(MODELS),
+    "model.weights": _optional(_STR),  # imagenet, or a path to a torchvision state_dict
     "dataset.name": _one_of(DATASETS),
     "dataset.root": _optional(_STR),
     "dataset.download": _BOOL,
@@ -143,7 +166,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Yield (dotted key, plain value) for every leaf; lists are leaves."""
-    if isinstance(node, DictConfig):
+    if isinstance(node, DictConfig) and prefix[:-1] not in RULES:
         for key in node:
             if prefix == "" and key == "hydra":
                 continue
@@ -151,7 +174,7 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             if OmegaConf.is_missing(node, key):
                 raise ConfigError(f"{path} is required (it is ??? in the config); set {path}=VALUE")
             yield from _leaves(node[key], path + ".")
-    elif isinstance(node, ListConfig):
+    elif isinstance(node, (ListConfig, DictConfig)):  # lists and mappings that are one value
         yield prefix[:-1], OmegaConf.to_container(node, resolve=True)
     else:
         yield prefix[:-1], node

@@ -12,19 +12,16 @@ stage.log, indices.json and manifest.json.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import console, runtime
+from distill_cli import runtime
 from distill_cli.config import ConfigError
 from distill_cli.data import (
     BatchLoader,
@@ -35,14 +32,14 @@ from distill_cli.data import (
     select_classes,
     split_indices,
 )
+from distill_cli.evaluation import evaluate_run, export_run
 from distill_cli.losses import distill_loss
 from distill_cli.models import build_model, count_params
-from distill_cli.stagefolder import Stage, StageError, close, fail, finish, open_stage
+from distill_cli.stagefolder import Stage, StageError, fail, finish, open_stage
 from distill_cli.training import (
     TrainingError,
     build_optimizer,
     build_scheduler,
-    evaluate,
     fit,
     set_rng,
 )
@@ -77,8 +74,7 @@ def pretrain(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     st = open_stage(cfg, job_subdir)
     try:
         data = _load_data(st)
-        c, h, _ = data.shape
-        model = build_model(cfg.model.name, data.num_classes, c, h).to(st.device)
+        model = _build(cfg, data).to(st.device)
         summary = _train(st, model, data, _cross_entropy(cfg), cfg.stage.epochs)
         return _finish(st, model, summary)
     except BaseException as exc:
@@ -124,8 +120,7 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 f"{data.num_classes} here; finetune the teacher on this dataset first "
                 f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
             )
-        c, h, _ = data.shape
-        student = build_model(cfg.model.name, data.num_classes, c, h).to(st.device)
+        student = _build(cfg, data).to(st.device)
         kd = OmegaConf.to_container(cfg.kd)
         method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
 
@@ -143,52 +138,9 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         raise
 
 
-def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
-    """Evaluate every checkpoint of the run on the test split of its own dataset."""
-    st = open_stage(cfg, job_subdir)
-    try:
-        sources = [Path(cfg.stage["from"])] if cfg.stage["from"] else ck.stage_folders(st.run_dir)
-        if not sources:
-            raise StageError(
-                f"run '{st.run_dir.name}' holds no checkpoints yet; train one first, e.g. "
-                f"`distill-cli pretrain run={st.run_dir.name}`"
-            )
-        results, test_sets = {}, {}
-        for source in sources:
-            path = ck.find_checkpoint(source)
-            name = _tag_of(path, st.run_dir)
-            results[name] = _evaluate_checkpoint(st, path, test_sets)
-            log.info(
-                "%s: top-1 %.2f%% on %s", name, results[name]["top1"], results[name]["dataset"]
-            )
-        runtime.write_json(st.folder / "metrics.json", results, sort_keys=False)  # run order
-        rows = [{"tag": tag, **r} for tag, r in results.items()]
-        console.print_table(
-            f"eval · run {st.run_dir.name} · test split of each checkpoint's dataset",
-            EVAL_COLUMNS, rows,
-        )  # fmt: skip
-        st.manifest.update(
-            status="completed", evaluated={k: r["checkpoint"] for k, r in results.items()}
-        )
-        st.write_manifest()
-        log.info("wrote %s", st.folder / "metrics.json")
-        return None
-    except BaseException as exc:
-        fail(st, exc, USER_ERRORS)
-        raise
-    finally:
-        close(st)
-
-
-# (key, header, format) of the eval table; val is the checkpoint's own validation accuracy.
-EVAL_COLUMNS = [
-    ("tag", "tag", ""), ("model", "model", ""), ("params", "params", ","),
-    ("dataset", "dataset", ""), ("val_acc", "val", ".1f"), ("top1", "top1", ".1f"),
-    ("top5", "top5", ".1f"), ("nll", "nll", ".3f"), ("best_epoch", "epoch", "d"),
-]  # fmt: skip
-
 STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
     "pretrain": pretrain, "finetune": finetune, "distill": distill, "eval": evaluate_run,
+    "export": export_run,
 }  # fmt: skip
 
 
@@ -236,6 +188,15 @@ def _load_data(st: Stage) -> Data:
 
 def _channels_last(st: Stage) -> bool:
     return st.device.type == "cuda" and st.cfg.device.channels_last
+
+
+def _build(cfg: DictConfig, data: Data) -> torch.nn.Module:
+    """The configured model for this data; ``model.weights`` starts it from published weights."""
+    c, h, _ = data.shape
+    try:
+        return build_model(cfg.model.name, data.num_classes, c, h, weights=cfg.model.get("weights"))
+    except ValueError as exc:  # unknown weights, failed download, bad file: one line already
+        raise StageError(str(exc)) from None
 
 
 def _load_parent(st: Stage, stage: str) -> torch.nn.Module:
@@ -351,36 +312,3 @@ def _finish(st: Stage, model, summary: dict) -> float | None:
         **summary,
     }  # fmt: skip
     return finish(st, summary)
-
-
-def _tag_of(path: Path, run_dir: Path) -> str:
-    """A checkpoint's name in eval tables: its folder relative to the run."""
-    try:
-        return path.parent.resolve().relative_to(run_dir.resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _evaluate_checkpoint(st: Stage, path: Path, test_sets: dict) -> dict[str, Any]:
-    """Top-1/top-5/NLL of one checkpoint on the test split of the dataset it was trained for."""
-    ckpt = ck.load_checkpoint(path)
-    model = ck.model_from_checkpoint(ckpt, path).to(st.device)
-    d = ckpt["dataset"]
-    key = json.dumps([d, ckpt["mean"], ckpt["std"]], sort_keys=True)
-    if key not in test_sets:
-        split = load_split(d["name"], d["root"] or "data", False, d["download"],
-                           d.get("bad_images", "error"))  # fmt: skip
-        if d.get("classes") is not None:
-            split = select_classes(split, list(d["classes"]))
-        x = convert(split.x, d["image_size"], d["channels"])
-        test_sets[key] = BatchLoader(
-            x, split.y, st.cfg.stage.eval_batch_size, mean=ckpt["mean"], std=ckpt["std"],
-            device=st.device, channels_last=_channels_last(st),
-        )  # fmt: skip
-    scores = evaluate(model, test_sets[key], st.amp())
-    return {
-        "top1": scores["top1"], "top5": scores["top5"], "nll": scores["nll"], "n_test": scores["n"],
-        "params": count_params(model), "model": ckpt["model"]["name"], "dataset": d["name"],
-        "stage": ckpt["stage"], "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
-        "checkpoint": str(path), "sha256": ck.sha256(path),
-    }  # fmt: skip

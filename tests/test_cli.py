@@ -53,7 +53,7 @@ def test_four_stages_and_a_multirun_through_the_console_script(tmp_path):
         (["pretrain", "model=resnet9000"], "unknown model 'resnet9000'; valid: cnn"),
         (["pretrain", "dataset.shotz=3"], "shotz"),
         (["pretrain", "dataset.shots=3", "dataset.fraction=0.5"], "set only one of dataset.shots"),
-        (["train"], "unknown command 'train'; valid: pretrain, finetune, distill, eval"),
+        (["train"], "unknown command 'train'; valid: pretrain, finetune, distill, eval, export"),
         (["finetune", "run=nothing-here"], "run `distill-cli pretrain run=nothing-here ...` first"),
         (["pretrain", "run=x", "dataset=glyphs_target", "dataset.shots=500"], "dataset.shots"),
         (

@@ -1,10 +1,13 @@
 import json
+from urllib.error import URLError
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from distill_cli.models import MODELS, build_model, count_params
+from distill_cli.torchvision_models import TORCHVISION_MODELS
 
 NUM_CLASSES = 5
 # (in_channels, image_size): RGB CIFAR size, grey MNIST size, and a tiny grey input.
@@ -58,8 +61,9 @@ def test_head_is_the_only_non_backbone_part(name):
     assert head_params == {"head.weight", "head.bias"}
 
 
-def test_reset_classifier_keeps_backbone():
-    model = build_model("resnet8", NUM_CLASSES, 1, 16)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reset_classifier_keeps_backbone(name):
+    model = build_model(name, NUM_CLASSES, 1, 16)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
     model.reset_classifier(7)
     model.eval()  # a train-mode forward would update BatchNorm running stats
@@ -83,6 +87,8 @@ def test_unknown_name_lists_valid_names():
 def test_too_small_image_is_rejected():
     with pytest.raises(ValueError, match="image_size"):
         build_model("cnn", NUM_CLASSES, image_size=2)
+    with pytest.raises(ValueError, match="image_size"):  # three max-pools need 8 pixels
+        build_model("vgg8", NUM_CLASSES, image_size=4)
 
 
 @pytest.mark.parametrize(
@@ -94,6 +100,13 @@ def test_too_small_image_is_rejected():
         ("resnet110", 1.70e6, 1.76e6),
         ("resnet8x4", 1.1e6, 1.3e6),
         ("resnet32x4", 7.3e6, 7.5e6),
+        # RepDistiller's wrn_16_2, wrn_40_2, vgg8, vgg13, mobile_half, ShuffleV2 (±5%).
+        ("wrn_16_2", 0.70e6 * 0.95, 0.70e6 * 1.05),
+        ("wrn_40_2", 2.25e6 * 0.95, 2.25e6 * 1.05),
+        ("vgg8", 3.96e6 * 0.95, 3.96e6 * 1.05),
+        ("vgg13", 9.46e6 * 0.95, 9.46e6 * 1.05),
+        ("mobilenetv2", 0.81e6 * 0.95, 0.81e6 * 1.05),
+        ("shufflenetv2", 1.36e6 * 0.95, 1.36e6 * 1.05),
     ],
 )
 def test_param_counts_match_literature(name, low, high):
@@ -117,3 +130,65 @@ def test_config_rebuilds_the_model(name):
     x = _input(1, 28)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), model(x))
+
+
+def test_lstm_reads_one_row_per_step():
+    model = build_model("lstm_rows", NUM_CLASSES, 3, 16)
+    _, feats = model.forward_with_features(_input(3, 16))
+    assert feats["rows"].shape == (2, 16, 128)
+    torch.testing.assert_close(feats["pooled"], feats["rows"][:, -1])
+
+
+# Small torchvision models: resnet50's state_dict alone is ~100 MB on disk.
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_weights_file_loads_the_whole_backbone(name, tmp_path):
+    torch.manual_seed(1)
+    state = getattr(torchvision.models, name)().state_dict()
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    torch.manual_seed(0)
+    model = build_model(name, NUM_CLASSES, 1, 16, weights=str(path))
+    head = "fc." if name.startswith("resnet") else "classifier.3."
+    expected = [v for k, v in state.items() if not k.startswith(head)]
+    loaded = [v for k, v in model.state_dict().items() if not k.startswith("head.")]
+    assert len(loaded) == len(expected)
+    for ours, theirs in zip(loaded, expected, strict=True):
+        assert torch.equal(ours, theirs)
+    assert model.head.out_features == NUM_CLASSES
+    assert "weights" not in model.config  # a checkpoint rebuild must never fetch weights again
+    twin = build_model(**model.config)  # random init, which the checkpoint's weights overwrite
+    assert not torch.equal(next(iter(twin.state_dict().values())), expected[0])
+
+
+def test_missing_weights_file_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(ValueError) as err:
+        build_model("resnet18", NUM_CLASSES, weights=str(path))
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("error", [URLError("no route to host"), RuntimeError("hash\nmismatch")])
+def test_failed_imagenet_download_is_one_line(monkeypatch, error):
+    def offline(**kwargs):
+        raise error
+
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(ValueError) as err:
+        build_model("resnet18", NUM_CLASSES, weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "resnet18" in message and "download" in message
+    assert "model.weights=/path/to/file.pth" in message
+
+
+def test_weights_only_apply_to_torchvision_models():
+    with pytest.raises(ValueError, match="model.weights applies to") as err:
+        build_model("wrn_16_2", NUM_CLASSES, weights="imagenet")
+    for name in TORCHVISION_MODELS:
+        assert name in str(err.value)
+
+
+def test_torchvision_models_take_one_or_three_channels():
+    with pytest.raises(ValueError, match="1 or 3"):
+        build_model("resnet18", NUM_CLASSES, in_channels=2)

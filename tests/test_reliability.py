@@ -224,7 +224,7 @@ def test_image_folder_with_unreadable_images(tmp_path, make_cfg):
     "args,message",
     [
         (["pretrain", "optimizer=lamb"], "unknown optimizer 'lamb'; valid: adam, adamw, sgd"),
-        (["stage=warmup"], "unknown stage 'warmup'; valid: distill, eval, finetune"),
+        (["stage=warmup"], "unknown stage 'warmup'; valid: distill, eval, export, finetune"),
         (["pretrain", "kd=fitnet"], "unknown kd 'fitnet'; valid: kd, logit_mse"),
         (["pretrain", "dataset=glyphs_target", "dataset.classes=[0,99]"], "99"),
         (["eval", "run=x", "stage.from=missing.pt"], "'missing.pt' does not exist"),

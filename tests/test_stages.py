@@ -138,8 +138,8 @@ def test_mnist_to_usps_on_the_real_files(make_cfg, shared_data):
          "stage.epochs=1", *real)  # fmt: skip
     cfg, _ = _run(make_cfg, "stage=eval", "run=m2u")
     results = json.loads((ck.Path(cfg.out_dir) / "m2u" / "eval" / "metrics.json").read_text())
-    assert results["pretrain"]["dataset"] == "mnist" and results["pretrain"]["n_test"] == 10000
-    assert results["finetune"]["dataset"] == "usps" and results["finetune"]["n_test"] == 2007
+    assert results["pretrain"]["dataset"] == "mnist" and results["pretrain"]["n"] == 10000
+    assert results["finetune"]["dataset"] == "usps" and results["finetune"]["n"] == 2007
 
 
 def test_a_failed_attempt_does_not_block_the_next_run(make_cfg):

@@ -18,7 +18,7 @@ err = Console(stderr=True)
 out = Console()
 for _c in (err, out):
     if not _c.is_terminal:  # logs and CI: wide enough that tables and log lines do not wrap
-        _c.width = max(_c.width, 120)
+        _c.width = max(_c.width, 150)
 
 
 def log_handler() -> logging.Handler:

@@ -112,6 +112,8 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     try:
         teacher = _load_parent(st, "distill").to(st.device)
         teacher.eval().requires_grad_(False)  # frozen: nothing below puts it back in train mode
+        if _channels_last(st):
+            teacher.to(memory_format=torch.channels_last)
         data = _load_data(st)
         _check_input(teacher, data, "the teacher")
         if teacher.num_classes != data.num_classes:
@@ -268,6 +270,12 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     scheduler = build_scheduler(optimizer, steps, o.schedule, len(data.train) * o.warmup_epochs,
                                 list(o.milestones), o.gamma)  # fmt: skip
     total = s.epochs if st.cfg.stage.name == "finetune" else epochs
+    d = st.cfg.device
+    if _channels_last(st):
+        model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if d.compile else model  # checkpoints save the plain module
+    fp16 = st.device.type == "cuda" and d.amp and d.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     if frozen_backbone:
         log.info("linear probe: backbone frozen for %d epochs", epochs)
 
@@ -288,10 +296,10 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
         )  # fmt: skip
 
     return fit(
-        model, data.train, data.val, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+        runner, data.train, data.val, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
         frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
-        best=best, resume=resume,
+        best=best, resume=resume, scaler=scaler,
     )  # fmt: skip
 
 

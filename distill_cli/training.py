@@ -150,10 +150,12 @@ def fit(
     total_epochs: int | None = None,
     best: dict | None = None,
     resume: dict | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
     """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
 
-    ``best`` carries the best epoch and accuracy of an earlier phase (a linear probe).
+    ``scaler`` scales float16 losses (CUDA mixed precision); ``best`` carries the best epoch
+    and accuracy of an earlier phase (a linear probe).
     ``last.pt`` after every epoch carries the training state (optimizer, schedule, RNG, best so
     far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
     SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
@@ -172,6 +174,8 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         set_rng(resume["rng"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         state.update({k: resume[k] for k in state})
         start = resume["epoch"] if resume["step"] else resume["epoch"] + 1
         tally = Tally(**resume["tally"]) if resume["step"] else None
@@ -180,7 +184,8 @@ def fit(
         return {
             "epoch": epoch, "step": tally.step if tally else 0,
             "tally": asdict(tally) if tally else None, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _get_rng(), **state,
+            "scheduler": scheduler.state_dict(), "rng": _get_rng(),
+            "scaler": scaler.state_dict() if scaler is not None else None, **state,
         }  # fmt: skip
 
     steps = len(train) * (end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
@@ -189,7 +194,7 @@ def fit(
             tally = tally or Tally(lr=optimizer.param_groups[-1]["lr"])
             try:
                 _train_epoch(model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone,
-                             progress, epoch, total_epochs, tally, stop)  # fmt: skip
+                             progress, epoch, total_epochs, tally, stop, scaler)  # fmt: skip
             except _Stopped:
                 save("last", epoch, state["last_val_acc"], train_state(epoch, tally))
                 raise Interrupted(
@@ -244,7 +249,7 @@ def set_rng(rng: dict) -> None:
 
 def _train_epoch(
     model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone, progress, epoch, epochs,
-    tally: Tally, stop: StopRequest,
+    tally: Tally, stop: StopRequest, scaler: torch.amp.GradScaler | None = None,
 ) -> None:  # fmt: skip
     """One pass over the training batches, accumulating into ``tally``."""
     set_train_mode(model, frozen_backbone)
@@ -266,8 +271,13 @@ def _train_epoch(
                 "or float16 overflow (device.amp_dtype=bfloat16 or device.amp=false)"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # float16: scale the loss so small gradients do not vanish
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         for name, value in parts.items():
             tally.sums[name] = tally.sums.get(name, 0.0) + value.item() * len(y)

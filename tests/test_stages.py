@@ -152,3 +152,19 @@ def test_a_failed_attempt_does_not_block_the_next_run(make_cfg):
     assert (
         len(kept) == 1 and json.loads((kept[0] / "manifest.json").read_text())["status"] == "failed"
     )
+
+
+def test_compiled_training_saves_the_plain_module(make_cfg, monkeypatch):
+    compile_ = torch.compile
+    calls = []
+
+    def eager_compile(model):  # the plumbing, without waiting for a C++ build of the kernels
+        calls.append(type(model).__name__)
+        return compile_(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=c", *TGT, "device.compile=true")
+    ckpt = ck.load_checkpoint(ck.Path(cfg.out_dir) / "c" / "pretrain" / "best.pt")
+    assert calls == ["SmallCNN"]
+    assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"])
+    ck.model_from_checkpoint(ckpt)

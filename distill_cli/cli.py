@@ -135,7 +135,8 @@ def _job_subdir() -> str | None:
 def _task(cfg: DictConfig) -> float | None:
     """The Hydra task: run one stage; user errors end in one line and exit code 2."""
     from distill_cli.console import print_error
-    from distill_cli.stages import USER_ERRORS, run_stage
+    from distill_cli.stagefolder import USER_ERRORS
+    from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted
 
     try:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill_cli import checkpoint as ck
 from distill_cli import console, metrics, plots, runtime
 from distill_cli.data import BatchLoader, DataError, convert, load_split, select_classes
-from distill_cli.stagefolder import Stage, StageError, close, fail, open_stage
+from distill_cli.stagefolder import Stage, StageError, running
 
 log = logging.getLogger("distill_cli")
 
@@ -43,8 +43,7 @@ COST_COLUMNS = [
 
 def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     """Evaluate every checkpoint of the run (or ``stage.from``) on the test split(s)."""
-    st = open_stage(cfg, job_subdir)
-    try:
+    with running(cfg, job_subdir) as st:
         s = cfg.stage
         sources = [Path(s["from"])] if s["from"] else ck.stage_folders(st.run_dir)
         if not sources:
@@ -72,13 +71,6 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
                            evaluated={k: r["checkpoint"] for k, r in results.items()})  # fmt: skip
         st.write_manifest()
         log.info("wrote %s", st.folder / "metrics.json")
-    except BaseException as exc:
-        from distill_cli.stages import USER_ERRORS
-
-        fail(st, exc, USER_ERRORS)
-        raise
-    finally:
-        close(st)
 
 
 def _tag_of(path: Path, run_dir: Path) -> str:

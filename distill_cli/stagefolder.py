@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
 from distill_cli import console, runtime
-from distill_cli.training import Interrupted
+from distill_cli.config import ConfigError
+from distill_cli.data import DataError
+from distill_cli.training import Interrupted, TrainingError
 
 log = logging.getLogger("distill_cli")
 _NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change
@@ -29,6 +33,13 @@ _NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change
 
 class StageError(Exception):
     """A stage that cannot run as asked; the message is one line."""
+
+
+# Errors whose one-line message is all a user needs: no traceback for these.
+USER_ERRORS = (
+    StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError,
+    runtime.FolderLocked, TrainingError,
+)  # fmt: skip
 
 
 @dataclass
@@ -49,6 +60,19 @@ class Stage:
     def write_manifest(self) -> None:
         """Persist the manifest (called after every change worth keeping)."""
         runtime.write_json(self.folder / "manifest.json", self.manifest)
+
+
+@contextmanager
+def running(cfg: DictConfig, job_subdir: str | None) -> Iterator[Stage]:
+    """Open the stage folder for the duration of a stage; record how the stage ended."""
+    st = open_stage(cfg, job_subdir)
+    try:
+        yield st
+    except BaseException as exc:
+        fail(st, exc)
+        raise
+    finally:
+        close(st)
 
 
 def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
@@ -196,23 +220,21 @@ def finish(st: Stage, summary: dict) -> float | None:
     st.write_manifest()
     title = f"{st.cfg.stage.name} · {st.folder}"
     console.print_summary(title, {k: v for k, v in summary.items() if k != "stage"})
-    close(st)
     return summary.get("best_val_acc")
 
 
-def fail(st: Stage, exc: BaseException, user_errors: tuple) -> None:
+def fail(st: Stage, exc: BaseException) -> None:
     """Record a failure or an interruption in the manifest; checkpoints already written stay."""
     stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
     reason = str(exc) or type(exc).__name__
     st.manifest.update(status="interrupted" if stopped else "failed", finished=runtime.now(),
                        error=reason)  # fmt: skip
     st.write_manifest()
-    if not (stopped or isinstance(exc, user_errors)):
+    if not (stopped or isinstance(exc, USER_ERRORS)):
         log.exception("stage failed")
-    close(st)
 
 
 def close(st: Stage) -> None:
-    """Release the folder's lock and flush the log file."""
+    """Release the folder's lock and flush the log file (safe to call twice)."""
     runtime.unlock_folder(st.folder)
     runtime.close_logging()

@@ -22,10 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
 from distill_cli import runtime
-from distill_cli.config import ConfigError
 from distill_cli.data import (
     BatchLoader,
-    DataError,
     channel_stats,
     convert,
     load_split,
@@ -35,9 +33,8 @@ from distill_cli.data import (
 from distill_cli.evaluation import evaluate_run, export_run
 from distill_cli.losses import distill_loss
 from distill_cli.models import build_model, count_params
-from distill_cli.stagefolder import Stage, StageError, fail, finish, open_stage
+from distill_cli.stagefolder import Stage, StageError, finish, running
 from distill_cli.training import (
-    TrainingError,
     build_optimizer,
     build_scheduler,
     fit,
@@ -45,12 +42,6 @@ from distill_cli.training import (
 )
 
 log = logging.getLogger("distill_cli")
-
-
-USER_ERRORS = (
-    StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError,
-    runtime.FolderLocked, TrainingError,
-)  # fmt: skip
 
 
 @dataclass
@@ -71,21 +62,16 @@ def run_stage(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
 
 def pretrain(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Train ``model`` on ``dataset`` from random initialisation."""
-    st = open_stage(cfg, job_subdir)
-    try:
+    with running(cfg, job_subdir) as st:
         data = _load_data(st)
         model = _build(cfg, data).to(st.device)
         summary = _train(st, model, data, _cross_entropy(cfg), cfg.stage.epochs)
         return _finish(st, model, summary)
-    except BaseException as exc:
-        fail(st, exc, USER_ERRORS)
-        raise
 
 
 def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Load the upstream checkpoint, fit its head to the target's classes, and train on it."""
-    st = open_stage(cfg, job_subdir)
-    try:
+    with running(cfg, job_subdir) as st:
         model = _load_parent(st, "finetune")
         data = _load_data(st)
         _check_input(model, data, "the upstream checkpoint")
@@ -101,15 +87,11 @@ def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                           best=summary or None)  # fmt: skip
             summary = _merge(summary, full)
         return _finish(st, model, summary)
-    except BaseException as exc:
-        fail(st, exc, USER_ERRORS)
-        raise
 
 
 def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Train the student ``model`` against the frozen upstream teacher with the ``kd`` loss."""
-    st = open_stage(cfg, job_subdir)
-    try:
+    with running(cfg, job_subdir) as st:
         teacher = _load_parent(st, "distill").to(st.device)
         teacher.eval().requires_grad_(False)  # frozen: nothing below puts it back in train mode
         if _channels_last(st):
@@ -135,9 +117,6 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         summary = _train(st, student, data, loss_fn, cfg.stage.epochs)
         summary["teacher_params"] = count_params(teacher)
         return _finish(st, student, summary)
-    except BaseException as exc:
-        fail(st, exc, USER_ERRORS)
-        raise
 
 
 STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {

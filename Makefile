@@ -36,7 +36,7 @@ EQ := =
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo mnist-usps test lint format clean-demo
+.PHONY: help venv demo mnist-usps bench test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -97,16 +97,19 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 	$(CLI) pretrain $(M2U) $(FULL) model=$(STUDENT) tag=scratch_student_full
 	$(CLI) eval run=mnist_usps
 
+bench: $(STAMP) ## training throughput vs a plain PyTorch loop, start-up time (~7 min)
+	$(BIN)/python bench/throughput.py --out docs/bench_throughput.json
+
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest
 
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check distill_cli tests
-	$(BIN)/ruff format --check distill_cli tests
+	$(BIN)/ruff check distill_cli tests bench
+	$(BIN)/ruff format --check distill_cli tests bench
 
 format: $(STAMP) ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix distill_cli tests
-	$(BIN)/ruff format distill_cli tests
+	$(BIN)/ruff check --fix distill_cli tests bench
+	$(BIN)/ruff format distill_cli tests bench
 
 clean-demo: ## delete the demo run folder, outputs/RUN
 	rm -rf $(OUT)

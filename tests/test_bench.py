@@ -1,0 +1,22 @@
+"""The benchmark runs end to end on tiny sizes (its numbers are measured in `make bench`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--images", "256", "--epochs", "1", "--models", "cnn",
+         "--workers", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    cnn = report["throughput"]["cnn"]
+    assert cnn["reference_images_per_sec"] > 0 and cnn["distill_cli_images_per_sec"] > 0
+    assert report["startup_help_s"] > 0 and report["peak_rss_mib"]["distill_cli_runs"] > 0

@@ -118,7 +118,7 @@ def _parent(path: Path) -> str | None:
 
 def _logits(st: Stage, model, ckpt: dict, d: dict, cache: dict, class_map=None):
     """Test-split logits of ``model`` on dataset config ``d``, converted to the model's input."""
-    loader = _test_loader(st, ckpt, d, cache)
+    loader, _ = _test_loader(st, ckpt, d, cache)
     logits, labels = metrics.collect_logits(model, loader, st.amp)
     if class_map is not None:  # dataset class -> model class; -1 drops the class
         mapping = torch.tensor(class_map)
@@ -127,8 +127,8 @@ def _logits(st: Stage, model, ckpt: dict, d: dict, cache: dict, class_map=None):
     return logits, labels
 
 
-def _test_loader(st: Stage, ckpt: dict, d: dict, cache: dict) -> BatchLoader:
-    """The test split of ``d`` at the checkpoint's input shape and normalisation (cached)."""
+def _test_loader(st: Stage, ckpt: dict, d: dict, cache: dict) -> tuple[BatchLoader, list[str]]:
+    """The test split of ``d`` (and its class names) at the checkpoint's input shape, cached."""
     m = ckpt["model"]
     key = json.dumps([d, ckpt["mean"], ckpt["std"], m["in_channels"], m["image_size"]],
                      sort_keys=True, default=str)  # fmt: skip
@@ -138,9 +138,9 @@ def _test_loader(st: Stage, ckpt: dict, d: dict, cache: dict) -> BatchLoader:
         if d.get("classes") is not None:
             split = select_classes(split, list(d["classes"]))
         x = convert(split.x, m["image_size"], m["in_channels"])
-        cache[key] = BatchLoader(x, split.y, st.cfg.stage.eval_batch_size, mean=ckpt["mean"],
-                                 std=ckpt["std"], device=st.device)  # fmt: skip
-        cache[key + ":names"] = split.class_names
+        loader = BatchLoader(x, split.y, st.cfg.stage.eval_batch_size, mean=ckpt["mean"],
+                             std=ckpt["std"], device=st.device)  # fmt: skip
+        cache[key] = (loader, split.class_names)
     return cache[key]
 
 
@@ -150,10 +150,7 @@ def _cross_domain(st: Stage, model, ckpt: dict, name: str, cache: dict) -> dict[
     d.update(name=name, classes=None, image_size=None, channels=None)
     if name == ckpt["dataset"]["name"]:
         d = ckpt["dataset"]
-    _test_loader(st, ckpt, d, cache)  # loads the split and its class names
-    key = json.dumps([d, ckpt["mean"], ckpt["std"], ckpt["model"]["in_channels"],
-                      ckpt["model"]["image_size"]], sort_keys=True, default=str)  # fmt: skip
-    names = cache[key + ":names"]
+    _, names = _test_loader(st, ckpt, d, cache)
     class_map = (st.cfg.stage.class_map or {}).get(name)
     if class_map is None:
         if [_norm(n) for n in names] != [_norm(n) for n in ckpt["class_names"]]:

@@ -13,6 +13,7 @@ stage.log, indices.json and manifest.json.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,10 +31,12 @@ from distill_cli.data import (
     select_classes,
     split_indices,
 )
+from distill_cli.datacache import CACHE_DIR
 from distill_cli.evaluation import evaluate_run, export_run
 from distill_cli.losses import distill_loss
 from distill_cli.models import build_model, count_params
 from distill_cli.stagefolder import Stage, StageError, finish, running
+from distill_cli.streaming import ImageFiles, StreamLoader
 from distill_cli.training import (
     build_optimizer,
     build_scheduler,
@@ -131,7 +134,11 @@ STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
 def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
     d, s = st.cfg.dataset, st.cfg.stage
-    split = load_split(d.name, d.root or "data", True, d.download, d.bad_images)
+    split = load_split(
+        d.name, d.root or "data", True, d.download, d.bad_images, cache=d.cache,
+        cache_fallback=os.path.join(st.cfg.out_dir, CACHE_DIR), stream=d.stream,
+        max_memory_gb=d.max_memory_gb, workers=d.workers,
+    )  # fmt: skip
     if d.classes is not None:
         split = select_classes(split, list(d.classes))
     x = convert(split.x, d.image_size, d.channels)
@@ -152,13 +159,14 @@ def _load_data(st: Stage) -> Data:
     log.info("%s: %d training and %d validation images, %d classes, shape %s",
              d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
     loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
-    train = BatchLoader(
+    make_loader = StreamLoader if isinstance(x, ImageFiles) else BatchLoader  # streamed files
+    train = make_loader(
         x[train_idx], split.y[train_idx], s.batch_size, shuffle=True,
         drop_last=len(train_idx) > s.batch_size, crop_padding=d.crop_padding, flip=d.flip,
         seed=st.cfg.seed, **loader,
     )  # fmt: skip
     val = (
-        BatchLoader(x[val_idx], split.y[val_idx], s.eval_batch_size, **loader)
+        make_loader(x[val_idx], split.y[val_idx], s.eval_batch_size, **loader)
         if len(val_idx)
         else None
     )
@@ -168,7 +176,8 @@ def _load_data(st: Stage) -> Data:
 
 
 def _channels_last(st: Stage) -> bool:
-    return st.device.type == "cuda" and st.cfg.device.channels_last
+    # Measured faster on the CPU too (bench/cpu_formats.py, docs/performance.md).
+    return st.device.type in ("cuda", "cpu") and st.cfg.device.channels_last
 
 
 def _build(cfg: DictConfig, data: Data) -> torch.nn.Module:
@@ -253,7 +262,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     if _channels_last(st):
         model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if d.compile else model  # checkpoints save the plain module
-    fp16 = st.device.type == "cuda" and d.amp and d.amp_dtype == "float16"
+    amp_on = runtime.amp_enabled(st.device, d.amp)  # device.amp=null: the device's default
+    fp16 = st.device.type == "cuda" and amp_on and d.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     if frozen_backbone:
         log.info("linear probe: backbone frozen for %d epochs", epochs)

@@ -97,8 +97,10 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 	$(CLI) pretrain $(M2U) $(FULL) model=$(STUDENT) tag=scratch_student_full
 	$(CLI) eval run=mnist_usps
 
-bench: $(STAMP) ## training throughput vs a plain PyTorch loop, start-up time (~7 min)
+bench: $(STAMP) ## throughput vs a plain PyTorch loop, CPU number formats, data cache (~25 min)
 	$(BIN)/python bench/throughput.py --out docs/bench_throughput.json
+	$(BIN)/python bench/cpu_formats.py --out docs/bench_cpu_formats.json
+	$(BIN)/python bench/data_cache.py --data $(DATA) --out docs/bench_data_cache.json
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest

@@ -2,6 +2,7 @@
 
     make bench                                     # 10,000 CIFAR-shaped images, cnn and resnet8x4
     .venv/bin/python bench/throughput.py --images 512 --epochs 1 --models cnn   # a smoke run
+    .venv/bin/python bench/throughput.py --models cnn --streamed   # also dataset.stream=true
 
 The reference is the seed's recipe: torchvision ``ImageFolder`` + ``DataLoader`` with PIL
 ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` and SGD, on
@@ -113,13 +114,14 @@ def reference_run(root: Path, model_name: str, epochs: int, batch: int, workers:
     return json.loads(stdout) | {"tree_peak_rss_mib": tree_peak}
 
 
-def distill_cli(root: Path, out: Path, model_name: str, epochs: int, batch: int) -> dict:
+def distill_cli(root: Path, out: Path, model_name: str, epochs: int, batch: int,
+                extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Images/s per epoch of ``distill-cli pretrain`` on the same images, and its peak memory."""
-    tag = f"bench_{model_name}"
+    tag = f"bench_{model_name}" + ("_streamed" if extra else "")
     cmd = [CLI, "pretrain", f"out_dir={out}", "run=bench", f"tag={tag}", "overwrite=true",
            "dataset=imagefolder", f"dataset.root={root}", "dataset.val_fraction=0",
            "dataset.crop_padding=4", "dataset.flip=true", f"model={model_name}",
-           f"stage.epochs={epochs}", f"stage.batch_size={batch}", "device=cpu"]  # fmt: skip
+           f"stage.epochs={epochs}", f"stage.batch_size={batch}", "device=cpu", *extra]  # fmt: skip
     _, peak = measured(cmd)
     rows = (out / "bench" / tag / "metrics.jsonl").read_text().splitlines()
     return {"rates": [json.loads(r)["images_per_sec"] for r in rows], "peak_rss_mib": peak}
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="cnn,resnet8x4")
+    parser.add_argument("--streamed", action="store_true", help="also stream the files")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
@@ -170,6 +173,14 @@ def main() -> None:
                     "distill_cli": round(ours["peak_rss_mib"]),
                 },
             }
+            if args.streamed:
+                extra = ("dataset.stream=true", f"dataset.workers={args.workers}")
+                streamed = distill_cli(root, out, name, args.epochs, args.batch, extra)
+                results[name]["streamed"] = {
+                    "images_per_sec": round(statistics.median(streamed["rates"]), 1),
+                    "epochs": [round(r, 1) for r in streamed["rates"]],
+                    "peak_rss_mib": round(streamed["peak_rss_mib"]),
+                }
     report = {
         "machine": {
             "cpus": os.cpu_count(),

@@ -28,7 +28,8 @@ from distill_cli.data import DataError
 from distill_cli.training import Interrupted, TrainingError
 
 log = logging.getLogger("distill_cli")
-_NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change
+# Keys a resumed run may change: they change neither the data nor the training.
+_NOT_COMPARED = {"stage.resume", "overwrite", "dataset.cache", "dataset.workers"}
 
 
 class StageError(Exception):

@@ -114,7 +114,8 @@ class ImageFiles:
         """Every readable image in order, in decoded uint8 chunks (for statistics)."""
         plans = [(torch.arange(i, min(i + _CHUNK, len(self))), None, None)
                  for i in range(0, len(self), _CHUNK)]  # fmt: skip
-        for (images, ok, errors), (idx, _, _) in zip(_decoded(self, plans, 0), plans, strict=True):
+        batches = _decoder(self, _Plans(plans), 0)
+        for (images, ok, errors), (idx, _, _) in zip(batches, plans, strict=True):
             self.check(ok, errors, idx)
             yield images[ok]
 
@@ -153,17 +154,14 @@ def stream_split(
     return files, labels, names
 
 
-class _Batches(Dataset):
-    """Decodes, converts and augments one planned batch per item (in a worker process)."""
+class _Decoder(Dataset):
+    """Decodes, converts and augments the batch a plan describes (in a worker process)."""
 
-    def __init__(self, files: ImageFiles, plans: list[Plan], padding: int) -> None:
-        self.files, self.plans, self.padding = files, plans, padding
+    def __init__(self, files: ImageFiles, padding: int) -> None:
+        self.files, self.padding = files, padding
 
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        idx, offsets, flips = self.plans[i]
+    def __getitem__(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        idx, offsets, flips = plan
         images, ok, errors = self.files.decode(idx.tolist())
         if offsets is not None:
             images = crop_at(images, self.padding, offsets)
@@ -172,11 +170,26 @@ class _Batches(Dataset):
         return images, ok, errors
 
 
-def _decoded(files: ImageFiles, plans: list[Plan], padding: int, pin: bool = False) -> DataLoader:
+class _Plans:
+    """The plans of the next pass: the sampler of a DataLoader, which hands them to workers."""
+
+    def __init__(self, plans: list[Plan] | None = None) -> None:
+        self.plans = plans or []
+
+    def __iter__(self) -> Iterator[Plan]:
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
+def _decoder(files: ImageFiles, plans: _Plans, padding: int, pin: bool = False,
+             persistent: bool = False) -> DataLoader:  # fmt: skip
     # Its own generator: a DataLoader otherwise draws its workers' seed from the global one,
     # which would change the weights the stage initialises next.
-    return DataLoader(_Batches(files, plans, padding), batch_size=None, shuffle=False,
+    return DataLoader(_Decoder(files, padding), batch_size=None, sampler=plans,
                       num_workers=files.workers, pin_memory=pin,
+                      persistent_workers=persistent and files.workers > 0,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
@@ -217,6 +230,9 @@ class StreamLoader:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._scale = 1 / (255 * std_t)  # as BatchLoader: (x / 255 - mean) / std
         self._shift = mean_t / std_t
+        # The workers start on the first pass and stay for the next ones.
+        self._plans = _Plans()
+        self._batches = _decoder(x, self._plans, crop_padding, self.device.type == "cuda", True)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -233,9 +249,8 @@ class StreamLoader:
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         plans = [self._plan(order[i * self.batch_size : (i + 1) * self.batch_size], gen)
                  for i in range(len(self))]  # fmt: skip
-        pin = self.device.type == "cuda"
-        batches = _decoded(self.x, plans, self.crop_padding, pin)
-        for (images, ok, errors), (idx, _, _) in zip(batches, plans, strict=True):
+        self._plans.plans = plans
+        for (images, ok, errors), (idx, _, _) in zip(self._batches, plans, strict=True):
             self.x.check(ok, errors, idx)
             labels = self.y[idx]
             if errors:

@@ -42,6 +42,7 @@ class ImageFiles:
         conversions: (image_size, channels) pairs applied after decoding, as ``data.convert``.
         skip_bad: Whether an unreadable file is skipped (else it stops the load).
         workers: DataLoader worker processes that decode.
+        unreadable: Files found unreadable so far (shared with subsets, to warn once each).
     """
 
     paths: list[str]

@@ -26,7 +26,9 @@ DATASETS = (
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-KD_METHODS = ("kd", "logit_mse")
+KD_METHODS = ("kd", "logit_mse", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd")
+LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist")
+TRANSFER_SETS = ("labeled", "target", "source", "source+target")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
 RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # runs started without run=NAME are named by their start time
@@ -161,6 +163,24 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd.temperature": _POSITIVE,
     "kd.ce_weight": _NONNEG,
     "kd.kd_weight": _NONNEG,
+    "kd.feat_weight": _NONNEG,
+    "kd.warmup_epochs": _int(0),
+    "kd.alpha": _NONNEG,  # dkd
+    "kd.beta": _NONNEG,
+    "kd.inter_weight": _NONNEG,  # dist
+    "kd.intra_weight": _NONNEG,
+    "kd.student_layer": _optional(_STR),  # fitnet
+    "kd.teacher_layer": _optional(_STR),
+    "kd.p": _POSITIVE,  # at
+    "kd.distance_weight": _NONNEG,  # rkd
+    "kd.angle_weight": _NONNEG,
+    "kd.feat_dim": _int(1),  # crd
+    "kd.nce_k": _int(1),
+    "kd.nce_t": _POSITIVE,
+    "kd.nce_m": _num(0, 1, hi_open=True),
+    "stage.transfer_set": _one_of(TRANSFER_SETS),
+    "stage.unlabeled_limit": _optional(_int(0)),
+    "stage.unlabeled_ratio": _int(1),
 }
 
 
@@ -188,6 +208,12 @@ def check(cfg: DictConfig) -> None:
         ok, expected = RULES[key]
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    kd = cfg.get("kd") or {}
+    if kd.get("name") in LOGIT_METHODS and kd.get("feat_weight"):
+        raise ConfigError(
+            f"kd.feat_weight={kd.feat_weight} needs a feature method; kd={kd.name} has no feature "
+            f"term (feature methods: {', '.join(m for m in KD_METHODS if m not in LOGIT_METHODS)})"
+        )
     if cfg.dataset.shots is not None and cfg.dataset.fraction is not None:
         raise ConfigError("set only one of dataset.shots and dataset.fraction")
     if cfg.stage.name == "finetune" and cfg.stage.mode == "linear_then_full":

@@ -31,11 +31,13 @@ __all__ = [
     "BatchLoader",
     "DataError",
     "Split",
+    "TransferLoader",
     "channel_stats",
     "convert",
     "load_split",
     "select_classes",
     "split_indices",
+    "unlabeled_indices",
 ]
 
 # Images are processed in chunks of this many so that 60k-image datasets stay small in memory.
@@ -182,6 +184,26 @@ def _class_index(cls: int | str, names: list[str]) -> int:
     )
 
 
+def unlabeled_indices(
+    n: int, exclude: torch.Tensor, limit: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Indices in ``0..n-1`` outside ``exclude``; a seeded random ``limit`` of them if given.
+
+    Used for the transfer set: the target's training images that are neither labelled nor held
+    out for validation, whose labels distillation never reads.
+
+    Returns:
+        Sorted int64 indices.
+    """
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[exclude] = False
+    pool = keep.nonzero().flatten()
+    if limit is not None and limit < len(pool):
+        gen = torch.Generator().manual_seed(seed)
+        pool = pool[torch.randperm(len(pool), generator=gen)[:limit]].sort().values
+    return pool
+
+
 def split_indices(
     y: torch.Tensor,
     num_classes: int,
@@ -326,11 +348,17 @@ class BatchLoader:
         self.crop_padding, self.flip = crop_padding, flip
         self.seed, self.epoch = seed, 0
         self.channels_last = channels_last
+        self.last_index = torch.empty(0, dtype=torch.int64)  # rows of x in the latest batch
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add per pixel.
         self._scale = 1 / (255 * std_t)
         self._shift = mean_t / std_t
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the loader: the range of ``last_index``."""
+        return len(self.x)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -353,6 +381,7 @@ class BatchLoader:
             images = images.float() * self._scale - self._shift
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            self.last_index = idx  # per-sample state of a loss (CRD's memory bank) reads it
             yield images, self.y[idx]
 
     def _augment(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -376,3 +405,45 @@ def _random_crop(images: torch.Tensor, padding: int, gen: torch.Generator) -> to
     # Advanced indices around a slice put their dims first: the result is (B, H, W, C).
     cropped = padded[batch, :, rows[:, :, None], cols[:, None, :]]
     return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+class TransferLoader:
+    """Labelled batches, each joined by ``ratio`` times as many unlabelled images (label -1).
+
+    An epoch is one pass over the labelled loader, so ``stage.epochs`` means the same number of
+    optimisation steps with or without unlabelled images. The unlabelled images of epoch ``e``
+    are the first batches of the unlabelled loader's passes seeded by ``e`` (more passes when the
+    pool is small), so every epoch sees a fresh seeded sample and a resumed epoch repeats exactly.
+    ``last_index`` numbers labelled images first, then unlabelled ones.
+    """
+
+    def __init__(self, labeled: BatchLoader, unlabeled: BatchLoader) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.epoch = 0
+        self.last_index = torch.empty(0, dtype=torch.int64)
+
+    @property
+    def num_samples(self) -> int:
+        """Labelled plus unlabelled images: the range of ``last_index``."""
+        return self.labeled.num_samples + self.unlabeled.num_samples
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch of both streams."""
+        self.epoch = epoch
+        self.labeled.set_epoch(epoch)
+
+    def _unlabeled_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for part in range(len(self.labeled) // max(len(self.unlabeled), 1) + 1):
+            self.unlabeled.set_epoch(self.epoch * 100_003 + part)  # disjoint from other epochs
+            yield from ((x, y, self.unlabeled.last_index) for x, y in self.unlabeled)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        extra = self._unlabeled_batches()
+        offset = self.labeled.num_samples
+        for x, y in self.labeled:
+            xu, yu, iu = next(extra)
+            self.last_index = torch.cat([self.labeled.last_index, iu + offset])
+            yield torch.cat([x, xu]), torch.cat([y, yu])

@@ -121,6 +121,7 @@ class Tally:
     step: int = 0
     count: int = 0
     correct: int = 0
+    labeled: int = 0  # samples with a label (>= 0); unlabelled transfer images count in `count`
     seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)
 
@@ -281,14 +282,16 @@ def _train_epoch(
         scheduler.step()
         for name, value in parts.items():
             tally.sums[name] = tally.sums.get(name, 0.0) + value.item() * len(y)
-        tally.correct += (logits.argmax(dim=1) == y).sum().item()
+        tally.correct += (logits.argmax(dim=1) == y).sum().item()  # -1 (no label) never matches
+        tally.labeled += (y >= 0).sum().item()
         tally.count += len(y)
         tally.step = step
         now = time.perf_counter()  # the time since the last step: batch preparation included
         tally.seconds += now - tick
         tick = now
         progress.update(epoch, epochs, tally.sums["loss"] / tally.count,
-                        100 * tally.correct / tally.count, tally.count / tally.seconds)  # fmt: skip
+                        100 * tally.correct / max(tally.labeled, 1),
+                        tally.count / tally.seconds)  # fmt: skip
         if stop.signal:
             raise _Stopped
 
@@ -297,7 +300,7 @@ def _row(epoch: int, tally: Tally) -> dict:
     """The metrics row of a finished epoch."""
     row = {"epoch": epoch, "lr": tally.lr, "epoch_time_s": round(tally.seconds, 3)}
     row.update({f"train_{k}": v / max(tally.count, 1) for k, v in tally.sums.items()})
-    row["train_acc"] = 100 * tally.correct / max(tally.count, 1)
+    row["train_acc"] = 100 * tally.correct / max(tally.labeled, 1)
     row["images_per_sec"] = round(tally.count / tally.seconds, 1) if tally.seconds > 0 else None
     return row
 

@@ -22,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from distill_cli import checkpoint as ck
 from distill_cli.data import convert, load_split, select_classes, unlabeled_indices
 from distill_cli.feature_kd import FEATURE_METHODS, FeatureDistiller, feature_shapes
-from distill_cli.losses import distill_loss
+from distill_cli.losses import UNLABELLED, distill_loss
 from distill_cli.stagefolder import StageError
 
 log = logging.getLogger("distill_cli")
 
-UNLABELED = -1  # the label of a transfer-set image whose label is not used
+__all__ = ["UNLABELLED", "objective", "source_dataset", "unlabeled_images"]
 
 
 def unlabeled_images(

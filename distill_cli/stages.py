@@ -153,7 +153,7 @@ def _load_data(st: Stage) -> Data:
                         drop_last=len(train_idx) > s.batch_size, **augment, **loader)  # fmt: skip
     if unlabeled is not None:
         size = s.batch_size * s.unlabeled_ratio
-        extra = BatchLoader(unlabeled, torch.full((len(unlabeled),), distillation.UNLABELED), size,
+        extra = BatchLoader(unlabeled, torch.full((len(unlabeled),), distillation.UNLABELLED), size,
                             drop_last=len(unlabeled) > size, **augment, **loader)  # fmt: skip
         train = TransferLoader(train, extra)
     val = (

@@ -51,9 +51,7 @@ def _distill(make_cfg, teacher_run, *overrides, tag="d"):
 
 
 @pytest.mark.parametrize("method", KD_METHODS)
-def test_every_method_distills_and_keeps_adapters_out_of_the_student(
-    make_cfg, teacher_run, method
-):
+def test_every_method_distills_and_keeps_adapters_out_of_the_student(make_cfg, teacher_run, method):
     folder = _distill(make_cfg, teacher_run, f"kd={method}")
     rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
@@ -125,8 +123,17 @@ def test_every_method_runs_on_mnist_to_usps(make_cfg, shared_data):
     usps = ["dataset=usps", *root, "dataset.shots=2", "stage.epochs=1", "stage.batch_size=16"]
     _run(make_cfg, "stage=finetune", "run=m", *usps)
     for method in KD_METHODS:
-        _run(make_cfg, "stage=distill", "run=m", f"tag={method}", *usps, "model=cnn",
-             f"kd={method}", "stage.transfer_set=source+target", "stage.unlabeled_limit=20")
+        _run(
+            make_cfg,
+            "stage=distill",
+            "run=m",
+            f"tag={method}",
+            *usps,
+            "model=cnn",
+            f"kd={method}",
+            "stage.transfer_set=source+target",
+            "stage.unlabeled_limit=20",
+        )
         summary = json.loads((ck.Path(make_cfg().out_dir) / "m" / method / "metrics.json")
                              .read_text())  # fmt: skip
         assert summary["stage"] == "distill" and summary["best_val_acc"] is not None

@@ -2,6 +2,7 @@
 
     distill-cli pretrain dataset=glyphs_source model=resnet8x4 run=demo
     distill-cli distill -m run=demo kd.temperature=1,4 seed=0,1
+    distill-cli report run=demo
     distill-cli pretrain --cfg job
 
 Before Hydra runs a stage, every configuration the command line names (each job of a sweep
@@ -135,6 +136,17 @@ def _job_subdir() -> str | None:
 def _task(cfg: DictConfig) -> float | None:
     """The Hydra task: run one stage; user errors end in one line and exit code 2."""
     from distill_cli.console import print_error
+
+    if cfg.stage.name == "report":  # reads JSON and YAML only: this path never imports torch
+        from distill_cli.report import ReportError, report_run
+
+        try:
+            return report_run(cfg, _job_subdir())
+        except ReportError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print_error(str(exc))
+            sys.exit(EXIT_USAGE)
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-STAGES = ("pretrain", "finetune", "distill", "eval", "export")
+STAGES = ("pretrain", "finetune", "distill", "eval", "export", "report")
 MODELS = (
     "cnn", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vit_tiny",
     "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "lstm_rows",
@@ -31,6 +31,10 @@ LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist")
 TRANSFER_SETS = ("labeled", "target", "source", "source+target")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
+REPORT_METRICS = (
+    "best_val_acc", "last_val_acc", "best_epoch", "train_time_s", "params", "top1", "top5", "nll",
+    "ece", "agreement", "kept", "macs", "latency_ms_p50",
+)  # fmt: skip
 RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # runs started without run=NAME are named by their start time
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
 
@@ -120,6 +124,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.throughput_batch": _int(1),
     "stage.plots": _BOOL,
     "stage.format": _one_of(("onnx", "torchscript")),
+    "stage.metrics": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(m in REPORT_METRICS for m in v),
+        "a non-empty list drawn from " + ", ".join(REPORT_METRICS),
+    ),
+    "stage.runs": (
+        lambda v: isinstance(v, list) and all(_RUN[0](r) for r in v),
+        "a list of run names",
+    ),  # fmt: skip
     "model.name": _one_of(MODELS),
     "model.weights": _optional(_STR),  # imagenet, or a path to a torchvision state_dict
     "dataset.name": _one_of(DATASETS),

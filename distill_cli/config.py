@@ -193,6 +193,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.transfer_set": _one_of(TRANSFER_SETS),
     "stage.unlabeled_limit": _optional(_int(0)),
     "stage.unlabeled_ratio": _int(1),
+    "stage.teacher_cache": _BOOL,
+    "stage.aug_views": _optional(_int(1)),
 }
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,11 +25,15 @@ from distill_cli import checkpoint as ck
 from distill_cli.data import convert, load_split, select_classes, unlabeled_indices
 from distill_cli.feature_kd import FEATURE_METHODS, FeatureDistiller, feature_shapes
 from distill_cli.losses import UNLABELLED, distill_loss
-from distill_cli.stagefolder import StageError
+from distill_cli.stagefolder import Stage, StageError
+from distill_cli.teacher_cache import TeacherCache, cache_key
 
 log = logging.getLogger("distill_cli")
 
-__all__ = ["UNLABELLED", "objective", "source_dataset", "unlabeled_images"]
+__all__ = [
+    "UNLABELLED", "Objective", "cache_location", "objective", "save_cache", "source_dataset",
+    "unlabeled_images",
+]  # fmt: skip
 
 
 def unlabeled_images(
@@ -92,6 +98,17 @@ def source_dataset(teacher_path: str | Path, target: str) -> dict:
         path = Path(parent["path"])
 
 
+class Objective(NamedTuple):
+    """What :func:`objective` builds for the distill stage."""
+
+    loss_fn: Callable  # (model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})
+    adapters: torch.nn.Module | None  # feature adapters: train with the student, never saved in it
+    cache: TeacherCache | None  # teacher outputs reused across epochs and jobs
+
+
+CACHE_BUDGET_BYTES = 2 * 1024**3  # a cache expected to grow past this is not kept
+
+
 def objective(
     cfg: DictConfig,
     teacher: torch.nn.Module,
@@ -99,21 +116,21 @@ def objective(
     train,
     shape: tuple[int, int, int],
     device: torch.device,
-) -> tuple[Callable, torch.nn.Module | None]:
-    """The distillation loss function for :func:`training.fit`, and the feature adapters.
+    cache_at: tuple[Path, dict] | None = None,
+) -> Objective:
+    """The distillation loss function for :func:`training.fit`, its adapters and teacher cache.
 
     Args:
         cfg: The stage's config (reads the ``kd`` group).
         teacher: The frozen teacher, in eval mode.
         student: The student being trained.
-        train: The training BatchLoader; its ``epoch`` drives ``kd.warmup_epochs`` and its
-            ``last_index`` gives CRD each image's memory-bank row.
+        train: The training loader; its ``epoch`` drives ``kd.warmup_epochs``, its
+            ``last_index`` gives CRD each image's memory-bank row and, with ``last_view``,
+            the teacher cache its entry.
         shape: (channels, height, width) of the images.
         device: Where the adapters live.
-
-    Returns:
-        ``loss_fn(model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})`` and the module
-        holding the adapters (None for a logit method), whose parameters train with the student.
+        cache_at: (file, key parts) of the teacher cache from :func:`cache_location`; None runs
+            the teacher on every batch.
     """
     kd = OmegaConf.to_container(cfg.kd)
     method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
@@ -131,23 +148,78 @@ def objective(
             raise StageError(str(exc)) from None
     else:
         logit_method, logit_options = method, kd
+    names = list(distiller.teacher_layers) if distiller is not None else []
+
+    @torch.no_grad()
+    def teacher_outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not names:
+            return {"logits": teacher(x)}
+        logits, feats = teacher.forward_with_features(x)
+        return {"logits": logits, **{name: feats[name] for name in names}}
+
+    cache = _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device)
 
     def loss_fn(model, x, y):
         ramp = min(1.0, train.epoch / warmup) if warmup else 1.0
-        with torch.no_grad():
-            if distiller is None:
-                teacher_logits, teacher_feats = teacher(x), None
-            else:
-                teacher_logits, teacher_feats = teacher.forward_with_features(x)
+        if cache is None:
+            out = teacher_outputs(x)
+        else:
+            out = cache(x, train.last_index, train.last_view)
         if distiller is None:
             logits = model(x)
         else:
             logits, student_feats = model.forward_with_features(x)
-        parts = distill_loss(logits, teacher_logits, y, logit_method, ce_w, kd_w * ramp,
+        parts = distill_loss(logits, out["logits"], y, logit_method, ce_w, kd_w * ramp,
                              **logit_options)  # fmt: skip
         if distiller is not None:
-            parts["feat"] = distiller(student_feats, teacher_feats, train.last_index)
+            parts["feat"] = distiller(student_feats, out, train.last_index)
             parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
         return logits, parts
 
-    return loss_fn, distiller
+    return Objective(loss_fn, distiller, cache)
+
+
+def cache_location(st: Stage, info: dict) -> tuple[Path, dict]:
+    """Where the teacher cache of this stage lives and what its key hashes."""
+    cfg = st.cfg
+    parts = {
+        "teacher_sha256": st.manifest["parent"]["sha256"],
+        "indices_sha256": st.manifest["data"]["indices_sha256"],
+        "dataset": OmegaConf.to_container(cfg.dataset), "mean": info["mean"], "std": info["std"],
+        "aug_views": cfg.stage.aug_views, "device": st.device.type,
+        "amp": [cfg.device.amp, cfg.device.amp_dtype], "channels_last": cfg.device.channels_last,
+        "torch": torch.__version__,
+    }  # fmt: skip
+    return st.run_dir / ".teacher_cache", parts
+
+
+def _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device):
+    """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``."""
+    if cache_at is None:
+        return None
+    c, size, _ = shape
+    per_image = teacher.num_classes + sum(
+        math.prod(s) for n, s in feature_shapes(teacher, c, size).items() if n in names
+    )
+    batch = train.labeled.batch_size * (1 + cfg.stage.unlabeled_ratio) if hasattr(
+        train, "labeled") else train.batch_size  # fmt: skip
+    seen = cfg.stage.epochs * len(train) * batch
+    if cfg.stage.aug_views:
+        seen = min(seen, cfg.stage.aug_views * train.num_samples)
+    if 4 * per_image * seen > CACHE_BUDGET_BYTES:
+        log.info("teacher cache off: about %.1f GB would exceed its %.0f GB budget (features %s)",
+                 4 * per_image * seen / 1e9, CACHE_BUDGET_BYTES / 1e9, names)  # fmt: skip
+        return None
+    folder, parts = cache_at
+    key = cache_key({**parts, "outputs": ["logits", *names]})
+    return TeacherCache(teacher_outputs, train.num_samples, folder / f"{key}.pt", key, device)
+
+
+def save_cache(st: Stage, cache: TeacherCache) -> float | None:
+    """Write the cache for later jobs, record its statistics; returns the hit rate."""
+    cache.save(ck.atomic_write)
+    st.manifest["teacher_cache"] = cache.stats()
+    st.write_manifest()
+    log.info("teacher cache: %d hits, %d misses, %d entries loaded from %s", cache.hits,
+             cache.misses, cache.loaded, cache.path)  # fmt: skip
+    return cache.stats()["hit_rate"]

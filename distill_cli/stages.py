@@ -105,10 +105,13 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
             )
         student = _build(cfg, data).to(st.device)
-        loss_fn, adapters = distillation.objective(cfg, teacher, student, data.train, data.shape,
-                                                   st.device)  # fmt: skip
-        summary = _train(st, student, data, loss_fn, cfg.stage.epochs, extra=adapters)
+        cache_at = distillation.cache_location(st, data.info) if cfg.stage.teacher_cache else None
+        goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
+                                      cache_at)  # fmt: skip
+        summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
         summary["teacher_params"] = count_params(teacher)
+        if goal.cache is not None:
+            summary["teacher_cache_hit_rate"] = distillation.save_cache(st, goal.cache)
         return _finish(st, student, summary)
 
 
@@ -149,12 +152,18 @@ def _load_data(st: Stage) -> Data:
              d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
     loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
     augment = dict(shuffle=True, crop_padding=d.crop_padding, flip=d.flip, seed=st.cfg.seed)
+    # Per-image augmentation views, seeded by the data rather than the student's seed, let a
+    # teacher cache serve every job of a sweep (distill only).
+    views = dict(aug_seed=d.subset_seed, aug_views=s.get("aug_views"))
+    per_image = s.get("teacher_cache") or s.get("aug_views")
     train = BatchLoader(x[train_idx], split.y[train_idx], s.batch_size,
-                        drop_last=len(train_idx) > s.batch_size, **augment, **loader)  # fmt: skip
+                        drop_last=len(train_idx) > s.batch_size, **augment, **loader,
+                        **(views if per_image else {}))  # fmt: skip
     if unlabeled is not None:
         size = s.batch_size * s.unlabeled_ratio
         extra = BatchLoader(unlabeled, torch.full((len(unlabeled),), distillation.UNLABELLED), size,
-                            drop_last=len(unlabeled) > size, **augment, **loader)  # fmt: skip
+                            drop_last=len(unlabeled) > size, **augment, **loader,
+                            **views)  # fmt: skip
         train = TransferLoader(train, extra)
     val = (
         BatchLoader(x[val_idx], split.y[val_idx], s.eval_batch_size, **loader)

@@ -153,8 +153,8 @@ def test_interrupted_crd_resumes_to_the_same_weights_and_memory_bank(
 
     real = distillation.objective
 
-    def stopping_objective(cfg, teacher, student, train, shape, device):
-        loss_fn, adapters = real(cfg, teacher, student, train, shape, device)
+    def stopping_objective(cfg, teacher, student, train, shape, device, cache_at):
+        loss_fn, adapters, cache = real(cfg, teacher, student, train, shape, device, cache_at)
         calls = {"n": 0}
 
         def loss(model, x, y):
@@ -163,7 +163,7 @@ def test_interrupted_crd_resumes_to_the_same_weights_and_memory_bank(
                 os.kill(os.getpid(), signal.SIGINT)  # handled: stop after this step
             return loss_fn(model, x, y)
 
-        return loss, adapters
+        return distillation.Objective(loss, adapters, cache)
 
     monkeypatch.setattr(distillation, "objective", stopping_objective)
     with pytest.raises(Interrupted):

@@ -36,7 +36,7 @@ EQ := =
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo mnist-usps bench test lint format clean-demo
+.PHONY: help venv demo mnist-usps bench bench-distill test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -99,6 +99,9 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 
 bench: $(STAMP) ## training throughput vs a plain PyTorch loop, start-up time (~7 min)
 	$(BIN)/python bench/throughput.py --out docs/bench_throughput.json
+
+bench-distill: $(STAMP) ## distillation overhead and sweep cost, with and without the teacher cache
+	$(BIN)/python bench/distill_cost.py --out docs/bench_distill.json
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest

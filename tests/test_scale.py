@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,29 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(caplog):
     tracker.log_epoch({"epoch": 2, "train_loss": 0.5})
     assert tracker.calls == 1
     assert "broken: disk full; it gets no more epochs" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_resumed_stage_continues_its_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    args = [CLI, "pretrain", "run=r", *TINY, "dataset.shots=10", "stage.batch_size=8",
+            "stage.epochs=3", "device.threads=1", "logger=mlflow"]  # fmt: skip
+    folder = tmp_path / "outputs" / "r" / "pretrain"
+    proc = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (folder / "metrics.jsonl").exists() and (folder / "metrics.jsonl").read_text().strip()
+    ):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # during epoch 2 or just after epoch 1
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    run_id = json.loads((folder / "manifest.json").read_text())["tracker"]["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    cli_ok(*args[1:], "stage.resume=true", cwd=tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_acc"))
+    assert history == [(r["epoch"], pytest.approx(r["val_acc"])) for r in rows(folder)]

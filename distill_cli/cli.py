@@ -3,6 +3,7 @@
     distill-cli pretrain dataset=glyphs_source model=resnet8x4 run=demo
     distill-cli distill -m run=demo kd.temperature=1,4 seed=0,1
     distill-cli report run=demo
+    distill-cli distill -m run=demo hydra/sweeper=distill_optuna hydra/launcher=local
     distill-cli pretrain --cfg job
 
 Before Hydra runs a stage, every configuration the command line names (each job of a sweep
@@ -12,6 +13,7 @@ too) is composed and checked, so a bad value fails in one line, before torch is 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import sys
 import time
@@ -38,6 +40,17 @@ _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--con
 # Flags that only print something: no stage runs, so no preflight.
 _PRINT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version",
                 "--shell-completion", "-sc", "--resolve"}  # fmt: skip
+# Sweeper and launcher configs that need a plugin package: (group, name) -> plugin module.
+_PLUGINS = {
+    ("hydra/sweeper", "distill_optuna"): "hydra_optuna_sweeper",
+    ("hydra/sweeper", "optuna"): "hydra_optuna_sweeper",
+    ("hydra/launcher", "local"): "hydra_joblib_launcher",
+    ("hydra/launcher", "joblib"): "hydra_joblib_launcher",
+    ("hydra/launcher", "slurm"): "hydra_submitit_launcher",
+    ("hydra/launcher", "submitit_local"): "hydra_submitit_launcher",
+    ("hydra/launcher", "submitit_slurm"): "hydra_submitit_launcher",
+}
+SEARCH_STAGES = ("pretrain", "finetune", "distill")  # the stages that return a validation accuracy
 
 
 def conf_dir() -> str:
@@ -86,6 +99,10 @@ def _one_line(exc: Exception) -> str:
 def preflight(overrides: list[str], max_jobs: int = 256) -> None:
     """Compose and check the configuration of every job the overrides describe.
 
+    A search sweeper (``hydra/sweeper=distill_optuna``) draws its trials while it runs; for it
+    the fixed overrides are checked with every choice and both ends of every interval of the
+    search space, one dimension at a time.
+
     Raises:
         ConfigError: naming the first bad key or value, in one line.
     """
@@ -96,16 +113,83 @@ def preflight(overrides: list[str], max_jobs: int = 256) -> None:
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        choices = {o.key_or_group: o.get_value_element_as_str() for o in parsed
+                   if not o.is_sweep_override()}  # fmt: skip
+        _require_plugins(choices)
+        search = choices.get("hydra/sweeper", "basic") != "basic"
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-            for job in jobs[:max_jobs]:
-                check(compose(config_name="config", overrides=job))
+            jobs = _search_jobs(parsed) if search else BasicSweeper.split_arguments(parsed, None)[0]
+            for i, job in enumerate(jobs[:max_jobs]):
+                cfg = compose(config_name="config", overrides=job)
+                check(cfg)
+                if search and i == 0:
+                    _check_search(cfg, choices["hydra/sweeper"])
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf composition errors
         raise ConfigError(_one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _require_plugins(choices: dict[str, str]) -> None:
+    """Refuse a sweeper or launcher whose plugin package is not installed, naming the extra."""
+    for group, name in choices.items():
+        module = _PLUGINS.get((group, name))
+        if module and importlib.util.find_spec(f"hydra_plugins.{module}") is None:
+            raise ConfigError(
+                f"{group}={name} needs the {module.replace('_', '-')} package: "
+                "pip install 'distill-cli[sweep]'"
+            )
+
+
+def _search_jobs(parsed: list) -> list[list[str]]:
+    """Jobs that probe a search space: the fixed overrides, then each dimension's extremes.
+
+    The space is the sweeper's ``params`` from its YAML, updated by the command line: there
+    ``KEY=interval(...)`` adds or replaces a dimension and ``KEY=VALUE`` fixes the key.
+    """
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeper = compose(config_name="config", overrides=fixed, return_hydra_config=True).hydra.sweeper
+    space = {str(k): f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()}
+    for o in parsed:
+        space[o.key_or_group] = o.input_line
+        if not o.is_sweep_override():
+            del space[o.key_or_group]
+    dims = [(o.key_or_group, _extremes(o))
+            for o in OverridesParser.create().parse_overrides(list(space.values()))]  # fmt: skip
+    first = [f"{key}={values[0]}" for key, values in dims]
+    jobs = [fixed + first]
+    for i, (key, values) in enumerate(dims):
+        jobs += [fixed + first[:i] + [f"{key}={v}"] + first[i + 1 :] for v in values[1:]]
+    return jobs
+
+
+def _extremes(override) -> list[str]:
+    """Every value of a choice; the two ends of a range or an interval."""
+    if override.is_interval_sweep():
+        interval = override.value()
+        return [str(interval.start), str(interval.end)]
+    values = list(override.sweep_string_iterator())
+    return values if override.is_choice_sweep() else [values[0], values[-1]]
+
+
+def _check_search(cfg: DictConfig, sweeper: str) -> None:
+    """A search maximises the validation accuracy a training stage returns: both must exist."""
+    if cfg.stage.name not in SEARCH_STAGES:
+        raise ConfigError(
+            f"hydra/sweeper={sweeper} searches a training stage ({', '.join(SEARCH_STAGES)}); "
+            f"{cfg.stage.name} returns no validation accuracy"
+        )
+    d = cfg.dataset
+    if d.val_per_class == 0 or (d.val_per_class is None and d.val_fraction == 0):
+        raise ConfigError(
+            f"hydra/sweeper={sweeper} maximises validation accuracy: keep dataset.val_fraction > 0 "
+            "(or dataset.val_per_class > 0)"
+        )
 
 
 def _sweep_keys(overrides: list[str]) -> list[str]:
@@ -119,7 +203,9 @@ def _sweep_keys(overrides: list[str]) -> list[str]:
 def _job_subdir() -> str | None:
     """In a multirun, the job's own folder, named by its swept values: ``kd.temperature=4,seed=1``.
 
-    Jobs never share files; the keys every job shares are left out of the name.
+    Jobs never share files; the keys every job shares are left out of the name. The trials of a
+    search (any sweeper but Hydra's basic one) are numbered instead, ``trial=3``: their values
+    are many-digit draws, and a draw may repeat. Each trial's config.yaml holds its values.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -127,6 +213,8 @@ def _job_subdir() -> str | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
+    if not str(hc.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return f"trial={hc.job.num}"
     swept = set(filter(None, os.environ.get(_SWEEP_ENV, "").split(";")))
     parts = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept]
     name = ",".join(parts) if parts else hc.job.override_dirname

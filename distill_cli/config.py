@@ -6,6 +6,7 @@ imports neither torch nor Hydra's app machinery, so configuration errors come ba
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +36,8 @@ REPORT_METRICS = (
     "best_val_acc", "last_val_acc", "best_epoch", "train_time_s", "params", "top1", "top5", "nll",
     "ece", "agreement", "kept", "macs", "latency_ms_p50",
 )  # fmt: skip
+LOGGERS = ("none", "tensorboard", "mlflow")
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> module it needs
 RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # runs started without run=NAME are named by their start time
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
 
@@ -195,6 +198,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.unlabeled_ratio": _int(1),
     "stage.teacher_cache": _BOOL,
     "stage.aug_views": _optional(_int(1)),
+    "logger.name": _one_of(LOGGERS),
+    "logger.dir": _RUN,
+    "logger.tracking_uri": _STR,
+    "logger.experiment": _optional(_STR),
 }
 
 
@@ -227,6 +234,12 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"kd.feat_weight={kd.feat_weight} needs a feature method; kd={kd.name} has no feature "
             f"term (feature methods: {', '.join(m for m in KD_METHODS if m not in LOGIT_METHODS)})"
+        )
+    logger = cfg.get("logger", {}).get("name")
+    if logger in _LOGGER_PACKAGES and importlib.util.find_spec(_LOGGER_PACKAGES[logger]) is None:
+        raise ConfigError(
+            f"logger={logger} needs the {_LOGGER_PACKAGES[logger]} package: "
+            "pip install 'distill-cli[track]'"
         )
     if cfg.dataset.shots is not None and cfg.dataset.fraction is not None:
         raise ConfigError("set only one of dataset.shots and dataset.fraction")

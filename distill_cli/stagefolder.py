@@ -25,10 +25,12 @@ from distill_cli import checkpoint as ck
 from distill_cli import console, runtime
 from distill_cli.config import ConfigError
 from distill_cli.data import DataError
+from distill_cli.trackers import Tracker, TrackerError, open_tracker
 from distill_cli.training import Interrupted, TrainingError
 
 log = logging.getLogger("distill_cli")
-_NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change
+_NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change (logger.* too)
+_TRACKED = ("pretrain", "finetune", "distill")  # the stages whose epochs a tracker records
 
 
 class StageError(Exception):
@@ -38,7 +40,7 @@ class StageError(Exception):
 # Errors whose one-line message is all a user needs: no traceback for these.
 USER_ERRORS = (
     StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError,
-    runtime.FolderLocked, TrainingError,
+    runtime.FolderLocked, TrainingError, TrackerError,
 )  # fmt: skip
 
 
@@ -52,6 +54,7 @@ class Stage:
     device: torch.device
     manifest: dict = field(default_factory=dict)
     resume: dict | None = None  # the last.pt checkpoint to continue from, until it is used
+    tracker: Tracker = field(default_factory=Tracker)  # logger=...: gets each epoch's metrics
 
     def amp(self):
         """The autocast context configured for this device."""
@@ -67,6 +70,7 @@ def running(cfg: DictConfig, job_subdir: str | None) -> Iterator[Stage]:
     """Open the stage folder for the duration of a stage; record how the stage ended."""
     st = open_stage(cfg, job_subdir)
     try:
+        st.tracker = _open_tracker(st)
         yield st
     except BaseException as exc:
         fail(st, exc)
@@ -106,6 +110,26 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
         st.manifest.update(status="running", device=str(device))
     st.write_manifest()
     return st
+
+
+def _open_tracker(st: Stage) -> Tracker:
+    """The experiment tracker ``logger`` selects, for a training stage; its run id is kept."""
+    opts = dict(st.cfg.get("logger") or {"name": "none"})
+    kind = opts.pop("name")
+    if kind == "none" or st.cfg.stage.name not in _TRACKED:
+        return Tracker()
+    if st.resume is not None:  # continue the tracker run; drop the epochs trained again
+        state = st.resume["train_state"]
+        done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
+        opts.update(purge_step=done + 1, run_id=st.manifest.get("tracker", {}).get("run_id"))
+    opts.update(experiment=opts.get("experiment") or st.run_dir.name,
+                tags={"distill_cli.stage": st.cfg.stage.name})  # fmt: skip
+    config = OmegaConf.to_container(st.cfg, resolve=True)
+    tracker = open_tracker(kind, st.folder, st.folder.relative_to(st.run_dir).as_posix(), config,
+                           **opts)  # fmt: skip
+    st.manifest["tracker"] = {"name": kind, "run_id": tracker.run_id}
+    st.write_manifest()
+    return tracker
 
 
 def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -189,7 +213,8 @@ def _resume_point(cfg: DictConfig, folder: Path) -> dict:
 def _differences(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two configs, except those a resume may change."""
     flat = [_flatten(OmegaConf.to_container(c, resolve=True)) for c in (old, new)]
-    keys = (flat[0].keys() | flat[1].keys()) - _NOT_COMPARED
+    keys = {k for k in flat[0].keys() | flat[1].keys() if not k.startswith("logger.")}
+    keys -= _NOT_COMPARED
     pairs = {k: (flat[0].get(k), flat[1].get(k)) for k in sorted(keys)}
     return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
 
@@ -235,6 +260,7 @@ def fail(st: Stage, exc: BaseException) -> None:
 
 
 def close(st: Stage) -> None:
-    """Release the folder's lock and flush the log file (safe to call twice)."""
+    """End the tracker run, release the folder's lock, flush the log file (safe to call twice)."""
+    st.tracker.close(st.manifest.get("status", "failed"))
     runtime.unlock_folder(st.folder)
     runtime.close_logging()

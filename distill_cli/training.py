@@ -152,6 +152,7 @@ def fit(
     best: dict | None = None,
     resume: dict | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
 
@@ -160,6 +161,7 @@ def fit(
     ``last.pt`` after every epoch carries the training state (optimizer, schedule, RNG, best so
     far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
     SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
+    ``on_epoch`` gets each epoch's metrics row once it is in ``metrics_file`` (a tracker).
 
     Returns:
         Summary with ``best_epoch``, ``best_val_acc``, ``last_val_acc``, ``train_time_s`` and
@@ -217,6 +219,8 @@ def fit(
             # rows past its epoch, so a crash anywhere in between repeats the epoch identically.
             with open(metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            if on_epoch is not None:
+                on_epoch(row)
             if improved:
                 state.update(best_epoch=epoch, best_val_acc=state["last_val_acc"])
                 save("best", epoch, state["last_val_acc"], None)

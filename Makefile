@@ -36,11 +36,11 @@ EQ := =
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo mnist-usps bench bench-distill test lint format clean-demo
+.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
 	@echo "Demo variables: RUN=$(RUN) SEED=$(SEED) SHOTS=$(SHOTS) TEACHER=$(TEACHER) STUDENT=$(STUDENT)"
 
 $(STAMP): pyproject.toml
@@ -96,6 +96,21 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 	    stage.from=outputs/mnist_usps/finetune_full
 	$(CLI) pretrain $(M2U) $(FULL) model=$(STUDENT) tag=scratch_student_full
 	$(CLI) eval run=mnist_usps
+
+# Every kd method at 10 labels per class, on the labelled subset and with the unlabelled rest of
+# USPS, 3 seeds each: one multirun (docs/results.md). Reuses the mnist-usps teacher if present.
+METHODS ?= kd,logit_mse,dkd,dist,fitnet,at,sp,rkd,pkt,crd
+M2U_TEACHER := outputs/mnist_usps/finetune/best.pt
+
+$(M2U_TEACHER): | $(STAMP)
+	$(CLI) pretrain $(M2U) $(MNIST) model=$(TEACHER) dataset.fraction=0.2 stage.epochs=3
+	$(CLI) finetune $(M2U) $(FEW) $(TEACHER_FIT) optimizer.lr=$(FINETUNE_LR)
+
+mnist-usps-methods: $(M2U_TEACHER) ## every kd method x 2 transfer sets x 3 seeds on MNIST -> USPS
+	$(CLI) distill -m run=mnist_usps overwrite=true $(FEW) model=$(STUDENT) tag=methods \
+	    stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.02 kd=$(METHODS) \
+	    stage.transfer_set=labeled,target seed=0,1,2 hydra/launcher=local device.threads=1
+	$(CLI) report run=mnist_usps
 
 bench: $(STAMP) ## training throughput vs a plain PyTorch loop, start-up time (~7 min)
 	$(BIN)/python bench/throughput.py --out docs/bench_throughput.json

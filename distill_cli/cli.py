@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from distill_cli.config import (
 )
 
 EXIT_USAGE = 2
+_FAILED_ENV = "DISTILL_CLI_FAILED_JOBS"  # a multirun's jobs append their failures to this file
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 _SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher processes) their keys
 # Flags after which Hydra reads a value; their values are not overrides.
@@ -222,19 +224,18 @@ def _job_subdir() -> str | None:
 
 
 def _task(cfg: DictConfig) -> float | None:
-    """The Hydra task: run one stage; user errors end in one line and exit code 2."""
-    from distill_cli.console import print_error
+    """The Hydra task: run one stage; user errors end in one line and exit code 2.
 
+    In a multirun a failed job does not stop the sweep: its error is printed and recorded, the
+    sweeper gets NaN, the other jobs run, and the command exits 1 at the end.
+    """
     if cfg.stage.name == "report":  # reads JSON and YAML only: this path never imports torch
         from distill_cli.report import ReportError, report_run
 
         try:
             return report_run(cfg, _job_subdir())
         except ReportError as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print_error(str(exc))
-            sys.exit(EXIT_USAGE)
+            return _user_error(exc)
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted
@@ -242,14 +243,41 @@ def _task(cfg: DictConfig) -> float | None:
     try:
         return run_stage(cfg, _job_subdir())
     except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print_error(str(exc))
-        sys.exit(EXIT_USAGE)
+        return _user_error(exc)
     except (Interrupted, KeyboardInterrupt) as exc:
+        from distill_cli.console import print_error
+
         where = f"{exc}; " if str(exc) else ""
         print_error(f"interrupted: {where}run the same command with stage.resume=true to continue")
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _user_error(exc: Exception) -> float:
+    """Print one line; exit 2, or in a multirun record the failed job and return NaN."""
+    from distill_cli.console import print_error
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    job = _job_subdir()
+    failed = os.environ.get(_FAILED_ENV)
+    print_error(f"{job}: {exc}" if job and failed else str(exc))
+    if not failed:
+        sys.exit(EXIT_USAGE)
+    with open(failed, "a", encoding="utf-8") as f:  # jobs may run in other processes
+        f.write(f"{job}: {exc}\n")
+    return float("nan")
+
+
+def _report_failures(path: str) -> None:
+    """After a multirun: name the jobs that failed and exit 1 if any did."""
+    from distill_cli.console import print_error
+
+    lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+    Path(path).unlink(missing_ok=True)
+    if lines:
+        print_error(f"{len(lines)} job(s) of the sweep failed (the others finished): "
+                    + "; ".join(line.split(":")[0] for line in lines))  # fmt: skip
+        sys.exit(1)
 
 
 def main() -> None:
@@ -284,7 +312,14 @@ def main() -> None:
         if stage == "pretrain" and not any(o.startswith("run=") for o in overrides):
             overrides.append(f"run={time.strftime(RUN_NAME_FORMAT)}")  # one new run for all jobs
     sys.argv = [sys.argv[0], *flags, *overrides]  # argparse wants the overrides together
+    multirun = "-m" in flags or "--multirun" in flags
+    if multirun:
+        fd, failed = tempfile.mkstemp(prefix="distill-cli-failed-", suffix=".txt")
+        os.close(fd)
+        os.environ[_FAILED_ENV] = failed
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
+    if multirun:
+        _report_failures(failed)
 
 
 if __name__ == "__main__":

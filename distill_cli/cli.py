@@ -5,6 +5,7 @@
     distill-cli report run=demo
     distill-cli distill -m run=demo hydra/sweeper=distill_optuna hydra/launcher=local
     distill-cli pretrain --cfg job
+    torchrun --nproc_per_node=4 -m distill_cli pretrain run=demo   # data parallel, 4 processes
 
 Before Hydra runs a stage, every configuration the command line names (each job of a sweep
 too) is composed and checked, so a bad value fails in one line, before torch is imported.
@@ -39,6 +40,7 @@ _SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher p
 # Flags after which Hydra reads a value; their values are not overrides.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}  # fmt: skip
+_PARALLEL_STAGES = ("pretrain", "finetune", "distill")  # the stages torchrun may run
 # Flags that only print something: no stage runs, so no preflight.
 _PRINT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version",
                 "--shell-completion", "-sc", "--resolve"}  # fmt: skip
@@ -223,12 +225,29 @@ def _job_subdir() -> str | None:
     return name.replace("/", "_") or f"job{hc.job.num}"
 
 
+def _launched() -> bool:
+    """Whether torchrun started this process as one of several (read without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _first_process() -> bool:
+    """Process 0 of a torchrun, or a single process: the one that prints errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _task(cfg: DictConfig) -> float | None:
     """The Hydra task: run one stage; user errors end in one line and exit code 2.
 
     In a multirun a failed job does not stop the sweep: its error is printed and recorded, the
-    sweeper gets NaN, the other jobs run, and the command exits 1 at the end.
+    sweeper gets NaN, the other jobs run, and the command exits 1 at the end. Under torchrun
+    every process runs the stage in one process group; process 0 prints.
     """
+    from distill_cli.console import print_error
+
+    if _launched() and cfg.stage.name not in _PARALLEL_STAGES:
+        if _first_process():
+            print_error(f"{cfg.stage.name} runs in a single process: run it without torchrun")
+        sys.exit(EXIT_USAGE)
     if cfg.stage.name == "report":  # reads JSON and YAML only: this path never imports torch
         from distill_cli.report import ReportError, report_run
 
@@ -236,11 +255,13 @@ def _task(cfg: DictConfig) -> float | None:
             return report_run(cfg, _job_subdir())
         except ReportError as exc:
             return _user_error(exc)
+    from distill_cli import distributed, runtime
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted
 
     try:
+        distributed.init(runtime.pick_device(cfg.device.name))
         return run_stage(cfg, _job_subdir())
     except USER_ERRORS as exc:
         return _user_error(exc)
@@ -248,8 +269,12 @@ def _task(cfg: DictConfig) -> float | None:
         from distill_cli.console import print_error
 
         where = f"{exc}; " if str(exc) else ""
-        print_error(f"interrupted: {where}run the same command with stage.resume=true to continue")
+        if distributed.is_main():
+            print_error(f"interrupted: {where}run the same command with stage.resume=true to "
+                        "continue")  # fmt: skip
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        distributed.shutdown()
 
 
 def _user_error(exc: Exception) -> float:
@@ -260,7 +285,8 @@ def _user_error(exc: Exception) -> float:
         raise exc
     job = _job_subdir()
     failed = os.environ.get(_FAILED_ENV)
-    print_error(f"{job}: {exc}" if job and failed else str(exc))
+    if _first_process():  # under torchrun the others met the same error, or stopped because of it
+        print_error(f"{job}: {exc}" if job and failed else str(exc))
     if not failed:
         sys.exit(EXIT_USAGE)
     with open(failed, "a", encoding="utf-8") as f:  # jobs may run in other processes
@@ -304,9 +330,14 @@ def main() -> None:
         except ConfigError as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print_error(str(exc))
+            if _first_process():  # under torchrun every process finds the same error
+                print_error(str(exc))
             sys.exit(EXIT_USAGE)
     if "-m" in flags or "--multirun" in flags:
+        if _launched():
+            if _first_process():
+                print_error("sweeps (-m) do not run under torchrun: start one torchrun per job")
+            sys.exit(EXIT_USAGE)
         os.environ[_SWEEP_ENV] = ";".join(_sweep_keys(overrides))
         stage = next((o[6:] for o in overrides if o.startswith("stage=")), "pretrain")
         if stage == "pretrain" and not any(o.startswith("run=") for o in overrides):

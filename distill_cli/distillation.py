@@ -216,8 +216,12 @@ def _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device)
 
 
 def save_cache(st: Stage, cache: TeacherCache) -> float | None:
-    """Write the cache for later jobs, record its statistics; returns the hit rate."""
-    cache.save(ck.atomic_write)
+    """Write the cache for later jobs, record its statistics; returns the hit rate.
+
+    Under torchrun process 0 writes what it holds: the entries it loaded and those of its rows.
+    """
+    if st.main:
+        cache.save(ck.atomic_write)
     st.manifest["teacher_cache"] = cache.stats()
     st.write_manifest()
     log.info("teacher cache: %d hits, %d misses, %d entries loaded from %s", cache.hits,

@@ -5,10 +5,12 @@
 
 A folder is claimed under a lock (a second writer is refused), never silently reused: results
 are kept unless ``overwrite=true`` moves them aside, and an unfinished run is offered a resume.
+Under torchrun, process 0 claims the folder and writes in it; the others only read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -22,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import console, runtime
+from distill_cli import console, distributed, runtime
 from distill_cli.config import ConfigError
 from distill_cli.data import DataError
 from distill_cli.trackers import Tracker, TrackerError, open_tracker
@@ -55,6 +57,7 @@ class Stage:
     manifest: dict = field(default_factory=dict)
     resume: dict | None = None  # the last.pt checkpoint to continue from, until it is used
     tracker: Tracker = field(default_factory=Tracker)  # logger=...: gets each epoch's metrics
+    main: bool = True  # False in torchrun's other processes: they write nothing
 
     def amp(self):
         """The autocast context configured for this device."""
@@ -62,7 +65,15 @@ class Stage:
 
     def write_manifest(self) -> None:
         """Persist the manifest (called after every change worth keeping)."""
-        runtime.write_json(self.folder / "manifest.json", self.manifest)
+        if self.main:
+            runtime.write_json(self.folder / "manifest.json", self.manifest)
+
+    def write_json(self, name: str, data: Any) -> str:
+        """Write ``data`` into the folder as JSON; return the file's sha256 (on every process)."""
+        blob = runtime.json_bytes(data)
+        if self.main:
+            ck.atomic_write(self.folder / name, lambda f: f.write(blob))
+        return hashlib.sha256(blob).hexdigest()
 
 
 @contextmanager
@@ -70,7 +81,8 @@ def running(cfg: DictConfig, job_subdir: str | None) -> Iterator[Stage]:
     """Open the stage folder for the duration of a stage; record how the stage ended."""
     st = open_stage(cfg, job_subdir)
     try:
-        st.tracker = _open_tracker(st)
+        if st.main:  # torchrun: process 0 alone reports to the tracker
+            st.tracker = _open_tracker(st)
         yield st
     except BaseException as exc:
         fail(st, exc)
@@ -80,7 +92,22 @@ def running(cfg: DictConfig, job_subdir: str | None) -> Iterator[Stage]:
 
 
 def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
-    """Resolve run and folder, claim the folder, set up logging, device and seeds."""
+    """Resolve run and folder, claim the folder, set up logging, device and seeds.
+
+    Under torchrun process 0 does this and tells the others where the folder is.
+    """
+    if not distributed.is_main():
+        return _follow(cfg, distributed.share(None))
+    try:
+        st = _open(cfg, job_subdir)
+    except BaseException:
+        distributed.share(None)  # the others stop too
+        raise
+    distributed.share((st.run_dir, st.folder, st.resume is not None))
+    return st
+
+
+def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
     name = cfg.stage.name
     run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
     run_dir = Path(cfg.out_dir) / run
@@ -94,9 +121,12 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
     log.info("%s -> %s", name, folder)
     if replaced:
         log.info("moved the previous results to %s", replaced)
-    device = runtime.pick_device(cfg.device.name)
+    device = distributed.device() or runtime.pick_device(cfg.device.name)
     runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
     st = Stage(cfg, run_dir, folder, device, resume=resume)
+    if distributed.world() > 1:
+        log.info("data parallel: %d processes (torchrun), each trains on 1/%d of every batch",
+                 distributed.world(), distributed.world())  # fmt: skip
     if resume is None:
         OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
         st.manifest = runtime.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
@@ -108,6 +138,8 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
             {"at": runtime.now(), "epoch": state["epoch"], "step": state["step"]}
         )
         st.manifest.update(status="running", device=str(device))
+    if distributed.world() > 1:
+        st.manifest["processes"] = distributed.world()
     st.write_manifest()
     return st
 
@@ -130,6 +162,20 @@ def _open_tracker(st: Stage) -> Tracker:
     st.manifest["tracker"] = {"name": kind, "run_id": tracker.run_id}
     st.write_manifest()
     return tracker
+
+
+def _follow(cfg: DictConfig, shared: tuple | None) -> Stage:
+    """Another torchrun process: the folder process 0 claimed, read only; it logs errors only."""
+    if shared is None:  # process 0 failed and says why
+        raise StageError("process 0 could not open the stage folder")
+    run_dir, folder, resumed = shared
+    runtime.setup_logging(None, console.log_handler())
+    log.setLevel(logging.ERROR)
+    device = distributed.device() or runtime.pick_device(cfg.device.name)
+    runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
+    resume = ck.load_checkpoint(folder / "last.pt") if resumed else None
+    manifest = {"parent": None, "data": None, "checkpoints": {}}  # filled in memory, never written
+    return Stage(cfg, run_dir, folder, device, manifest, resume, main=False)
 
 
 def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -240,6 +286,8 @@ def _truncate_metrics(path: Path, state: dict) -> None:
 
 def finish(st: Stage, summary: dict) -> float | None:
     """Write the final metrics, complete the manifest, print the summary table."""
+    if not st.main:
+        return summary.get("best_val_acc")
     runtime.write_json(st.folder / "metrics.json", summary)
     st.manifest.update(status="completed", finished=runtime.now())
     st.write_manifest()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import distillation, runtime
+from distill_cli import distillation, distributed
 from distill_cli.data import (
     BatchLoader,
     TransferLoader,
@@ -127,7 +127,8 @@ STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
 def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
     d, s = st.cfg.dataset, st.cfg.stage
-    split = load_split(d.name, d.root or "data", True, d.download, d.bad_images)
+    with distributed.main_first():  # under torchrun one process downloads
+        split = load_split(d.name, d.root or "data", True, d.download, d.bad_images)
     if d.classes is not None:
         split = select_classes(split, list(d.classes))
     x = convert(split.x, d.image_size, d.channels)
@@ -140,12 +141,12 @@ def _load_data(st: Stage) -> Data:
     indices = {"train": train_idx.tolist(), "val": val_idx.tolist()}
     unlabeled, transfer = None, {}
     if s.get("transfer_set", "labeled") != "labeled":  # distill: unlabelled images join in
-        unlabeled, transfer = _unlabeled(st, x, indices)
-    runtime.write_json(st.folder / "indices.json", indices)
+        with distributed.main_first():
+            unlabeled, transfer = _unlabeled(st, x, indices)
     st.manifest["data"] = {
         "dataset": d.name, "num_classes": num_classes, "n_train": len(train_idx),
         "n_val": len(val_idx), **transfer, "indices_file": "indices.json",
-        "indices_sha256": ck.sha256(st.folder / "indices.json"),
+        "indices_sha256": st.write_json("indices.json", indices),
     }  # fmt: skip
     st.write_manifest()
     log.info("%s: %d training and %d validation images, %d classes, shape %s",
@@ -172,6 +173,8 @@ def _load_data(st: Stage) -> Data:
     )
     info = {"dataset": OmegaConf.to_container(d), "class_names": split.class_names,
             "mean": mean, "std": std}  # fmt: skip
+    # Under torchrun each process trains and validates on its rows of every batch.
+    train, val = distributed.shard(train), distributed.shard(val, training=False)
     return Data(train, val, num_classes, tuple(x.shape[1:]), info)
 
 
@@ -282,7 +285,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     d = st.cfg.device
     if _channels_last(st):
         model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if d.compile else model  # checkpoints save the plain module
+    runner = distributed.replicate(model, extra)  # DDP under torchrun, else the model itself
+    runner = torch.compile(runner) if d.compile else runner  # checkpoints save the plain module
     fp16 = st.device.type == "cuda" and d.amp and d.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     if frozen_backbone:

@@ -2,11 +2,16 @@
 
     make bench                                     # 10,000 CIFAR-shaped images, cnn and resnet8x4
     .venv/bin/python bench/throughput.py --images 512 --epochs 1 --models cnn   # a smoke run
+    .venv/bin/python bench/throughput.py --models cnn --streamed   # also dataset.stream=true
 
 The reference is the seed's recipe: torchvision ``ImageFolder`` + ``DataLoader`` with PIL
 ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` and SGD, on
 the same images, model and batch size. Both sides report images/s over whole training epochs
 (median over epochs); distill-cli's number is the ``images_per_sec`` of its ``metrics.jsonl``.
+
+Each side runs in a process of its own, so each reports its own peak resident memory: the
+reference's main process (VmHWM, read by itself at the end), the largest process of its tree
+(main or a DataLoader worker), and distill-cli's (ru_maxrss of the reaped process).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -77,16 +81,50 @@ def reference(root: Path, model_name: str, epochs: int, batch: int, workers: int
     return rates
 
 
-def distill_cli(root: Path, out: Path, model_name: str, epochs: int, batch: int) -> list[float]:
-    """Images/s per epoch of ``distill-cli pretrain`` on the same images."""
-    tag = f"bench_{model_name}"
+def measured(cmd: list[str]) -> tuple[str, float]:
+    """Runs ``cmd``; returns its stdout and its peak resident memory in MiB.
+
+    The peak is ru_maxrss of this child alone (``os.wait4``): the largest resident size of the
+    child or of any process it reaped, never of the benchmark or of an earlier child.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, out.read(), err.read())
+        return out.read().decode(), usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def own_peak_mib() -> float:
+    """This process's peak resident memory (VmHWM), without its children."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reference_run(root: Path, model_name: str, epochs: int, batch: int, workers: int) -> dict:
+    """The reference in a process of its own: images/s per epoch and peak memory."""
+    cmd = [sys.executable, __file__, "--reference-only", str(root), "--models", model_name,
+           "--epochs", str(epochs), "--batch", str(batch), "--workers", str(workers)]  # fmt: skip
+    stdout, tree_peak = measured(cmd)
+    return json.loads(stdout) | {"tree_peak_rss_mib": tree_peak}
+
+
+def distill_cli(root: Path, out: Path, model_name: str, epochs: int, batch: int,
+                extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """Images/s per epoch of ``distill-cli pretrain`` on the same images, and its peak memory."""
+    tag = f"bench_{model_name}" + ("_streamed" if extra else "")
     cmd = [CLI, "pretrain", f"out_dir={out}", "run=bench", f"tag={tag}", "overwrite=true",
            "dataset=imagefolder", f"dataset.root={root}", "dataset.val_fraction=0",
            "dataset.crop_padding=4", "dataset.flip=true", f"model={model_name}",
-           f"stage.epochs={epochs}", f"stage.batch_size={batch}", "device=cpu"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+           f"stage.epochs={epochs}", f"stage.batch_size={batch}", "device=cpu", *extra]  # fmt: skip
+    _, peak = measured(cmd)
     rows = (out / "bench" / tag / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(r)["images_per_sec"] for r in rows]
+    return {"rates": [json.loads(r)["images_per_sec"] for r in rows], "peak_rss_mib": peak}
 
 
 def startup(runs: int = 5) -> float:
@@ -99,10 +137,6 @@ def startup(runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def _maxrss(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024
-
-
 def main() -> None:
     """Run the benchmark and print one JSON document (also written with --out)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,22 +145,42 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="cnn,resnet8x4")
+    parser.add_argument("--streamed", action="store_true", help="also stream the files")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
+    if args.reference_only:
+        rates = reference(args.reference_only, args.models, args.epochs, args.batch, args.workers)
+        print(json.dumps({"rates": rates, "peak_rss_mib": own_peak_mib()}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "images", Path(tmp) / "outputs"
         write_images(root, args.images)
         results = {}
         for name in args.models.split(","):
-            ref = reference(root, name, args.epochs, args.batch, args.workers)
+            ref = reference_run(root, name, args.epochs, args.batch, args.workers)
             ours = distill_cli(root, out, name, args.epochs, args.batch)
+            ref_rate, our_rate = statistics.median(ref["rates"]), statistics.median(ours["rates"])
             results[name] = {
-                "reference_images_per_sec": round(statistics.median(ref), 1),
-                "distill_cli_images_per_sec": round(statistics.median(ours), 1),
-                "speedup": round(statistics.median(ours) / statistics.median(ref), 2),
-                "reference_epochs": [round(r, 1) for r in ref],
-                "distill_cli_epochs": [round(r, 1) for r in ours],
+                "reference_images_per_sec": round(ref_rate, 1),
+                "distill_cli_images_per_sec": round(our_rate, 1),
+                "speedup": round(our_rate / ref_rate, 2),
+                "reference_epochs": [round(r, 1) for r in ref["rates"]],
+                "distill_cli_epochs": [round(r, 1) for r in ours["rates"]],
+                "peak_rss_mib": {
+                    "reference_main_process": round(ref["peak_rss_mib"]),
+                    "reference_largest_process": round(ref["tree_peak_rss_mib"]),
+                    "distill_cli": round(ours["peak_rss_mib"]),
+                },
             }
+            if args.streamed:
+                extra = ("dataset.stream=true", f"dataset.workers={args.workers}")
+                streamed = distill_cli(root, out, name, args.epochs, args.batch, extra)
+                results[name]["streamed"] = {
+                    "images_per_sec": round(statistics.median(streamed["rates"]), 1),
+                    "epochs": [round(r, 1) for r in streamed["rates"]],
+                    "peak_rss_mib": round(streamed["peak_rss_mib"]),
+                }
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -138,10 +192,6 @@ def main() -> None:
         "settings": vars(args) | {"out": str(args.out) if args.out else None},
         "throughput": results,
         "startup_help_s": round(startup(), 3),
-        "peak_rss_mib": {  # ru_maxrss is in KiB on Linux
-            "reference_process": round(_maxrss(resource.RUSAGE_SELF)),
-            "distill_cli_runs": round(_maxrss(resource.RUSAGE_CHILDREN)),
-        },
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -16,15 +16,22 @@ which amounts to::
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from distill_cli.datacache import SOURCES, cached_read, reader_variant
 from distill_cli.datasets import DATASETS, DOWNLOADABLE, LAYOUT, UnreadableImage, read_imagefolder
+
+if TYPE_CHECKING:
+    from distill_cli.streaming import ImageFiles
 
 __all__ = [
     "DATASETS",
@@ -43,6 +50,7 @@ __all__ = [
 # Images are processed in chunks of this many so that 60k-image datasets stay small in memory.
 _CHUNK = 4096
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+log = logging.getLogger("distill_cli")
 
 
 class DataError(Exception):
@@ -54,18 +62,29 @@ class Split:
     """One split of a dataset, kept whole in memory.
 
     Attributes:
-        x: Images, uint8, shape (N, C, H, W).
+        x: Images, uint8, shape (N, C, H, W); or, for a streamed image folder, the
+            ``streaming.ImageFiles`` that stand for them.
         y: Labels, int64, shape (N,).
         class_names: Name of each class, indexed by label.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | ImageFiles
     y: torch.Tensor
     class_names: list[str]
 
 
 def load_split(
-    name: str, root: str, train: bool, download: bool = True, bad_images: str = "error"
+    name: str,
+    root: str,
+    train: bool,
+    download: bool = True,
+    bad_images: str = "error",
+    *,
+    cache: bool = False,
+    cache_fallback: str | None = None,
+    stream: bool | None = False,
+    max_memory_gb: float | None = None,
+    workers: int = 2,
 ) -> Split:
     """Loads the train or test split of a dataset by name.
 
@@ -76,6 +95,13 @@ def load_split(
         download: Whether torchvision may download missing files.
         bad_images: For image folders: "error" stops at an unreadable file, "skip" counts and
             skips it.
+        cache: Keep the decoded split in an on-disk cache beside the data (see datacache);
+            generated datasets are never cached.
+        cache_fallback: The cache folder when ``root`` is read-only; None skips caching then.
+        stream: Image folders: leave the images on disk as ``streaming.ImageFiles`` (True),
+            decode them into memory (False), or stream above ``max_memory_gb`` (None).
+        max_memory_gb: Decoded size in GiB above which an image folder streams; None: never.
+        workers: Worker processes that decode a streamed image folder.
 
     Raises:
         DataError: Unknown name, files missing, unreadable images, or download failed.
@@ -83,9 +109,20 @@ def load_split(
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     try:
+        if name == "imagefolder" and stream is not False:
+            from distill_cli.streaming import stream_split
+
+            streamed = stream_split(root, train, bad_images, stream, max_memory_gb, workers)
+            if streamed is not None:
+                return Split(*streamed)
         if name == "imagefolder":
-            return Split(*read_imagefolder(root, train, bad_images))
-        return Split(*DATASETS[name](root, train, download))
+            read = partial(read_imagefolder, root, train, bad_images)
+        else:
+            read = partial(DATASETS[name], root, train, download)
+        if cache and name in SOURCES:
+            variant = reader_variant(name, bad_images)
+            return Split(*cached_read(name, root, train, read, cache_fallback, variant))
+        return Split(*read())
     except UnreadableImage as exc:
         raise DataError(str(exc)) from None
     # torchvision reports missing files and failed downloads as RuntimeError or OSError
@@ -125,6 +162,8 @@ def convert(
     """
     if channels is not None and channels not in (x.shape[1], 1, 3):
         raise DataError(f"dataset.channels={channels} is not supported; valid: 1, 3")
+    if not isinstance(x, torch.Tensor):  # streaming.ImageFiles convert each batch they decode
+        return x.converted(image_size, channels)
     reduce_first = channels is not None and channels < x.shape[1]
     if reduce_first:  # fewer channels to resize
         x = _to_channels(x, channels)
@@ -300,11 +339,14 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and (population) std of uint8 NCHW images, in [0, 1] units."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     squares = torch.zeros(x.shape[1], dtype=torch.float64)
-    for chunk in x.split(_CHUNK):
+    count = 0
+    # streaming.ImageFiles decode their files in chunks, with their workers
+    for chunk in x.split(_CHUNK) if isinstance(x, torch.Tensor) else x.chunks():
         values = chunk.to(torch.float64) / 255
         total += values.sum((0, 2, 3))
         squares += values.square().sum((0, 2, 3))
-    count = max(1, x.numel() // max(1, x.shape[1]))
+        count += chunk.numel() // max(1, x.shape[1])
+    count = max(1, count)
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
     return mean.tolist(), std.tolist()
@@ -422,7 +464,7 @@ class BatchLoader:
         self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor
     ) -> torch.Tensor:
         if self.crop_padding > 0:
-            images = _crop(images, self.crop_padding, offsets)
+            images = crop_at(images, self.crop_padding, offsets)
         if self.flip:
             images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
         return images
@@ -440,11 +482,11 @@ class BatchLoader:
 def _random_crop(images: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
     """Zero-pads each image by `padding` and crops it back at a random per-image offset."""
     offsets = torch.randint(0, 2 * padding + 1, (2, len(images)), generator=gen)
-    return _crop(images, padding, offsets.to(images.device))
+    return crop_at(images, padding, offsets.to(images.device))
 
 
-def _crop(images: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Zero-pads each image by `padding` and crops it back at ``offsets`` (2, B): rows, cols."""
+def crop_at(images: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pads each image by `padding` and crops it back at (row, column) ``offsets`` (2, B)."""
     b, _, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (B, H)

@@ -85,35 +85,55 @@ class UnreadableImage(ValueError):
     """An image file in an image folder that cannot be decoded."""
 
 
-def read_imagefolder(root: str, train: bool, bad_images: str = "error") -> Arrays:
-    """A ``train/<class>/`` or ``test/<class>/`` tree; unreadable files stop it or are skipped."""
-    from PIL import Image, UnidentifiedImageError
+def list_imagefolder(root: str, train: bool) -> tuple[list[str], list[int], list[str]]:
+    """The image paths, labels and class names of a ``train/<class>/`` or ``test/<class>/`` tree."""
     from torchvision.datasets import ImageFolder
 
-    folder = os.path.join(root, "train" if train else "test")
-    ds = ImageFolder(folder)
+    ds = ImageFolder(os.path.join(root, "train" if train else "test"))
+    return [path for path, _ in ds.samples], [label for _, label in ds.samples], ds.classes
+
+
+def decode_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image file as RGB uint8 (H, W, 3), resized to ``size`` (width, height) if it differs.
+
+    Raises:
+        UnreadableImage: PIL cannot decode the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UnreadableImage(
+            f"cannot read image '{path}' ({type(exc).__name__}); remove it, or pass "
+            "dataset.bad_images=skip to skip unreadable images"
+        ) from None
+    return np.asarray(img if size is None or img.size == size else img.resize(size))
+
+
+def read_imagefolder(root: str, train: bool, bad_images: str = "error") -> Arrays:
+    """A ``train/<class>/`` or ``test/<class>/`` tree; unreadable files stop it or are skipped."""
+    paths, labels, classes = list_imagefolder(root, train)
     size = None
-    images, labels, skipped = [], [], []
-    for path, label in ds.samples:
+    images, kept, skipped = [], [], []
+    for path, label in zip(paths, labels, strict=True):
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
+            image = decode_image(path, size)  # every image is resized to the first one's size
+        except UnreadableImage:
             if bad_images != "skip":
-                raise UnreadableImage(
-                    f"cannot read image '{path}' ({type(exc).__name__}); remove it, or pass "
-                    "dataset.bad_images=skip to skip unreadable images"
-                ) from None
+                raise
             skipped.append(path)
             continue
-        size = size or img.size  # every image is resized to the first one's size
-        images.append(np.asarray(img if img.size == size else img.resize(size)))
-        labels.append(label)
+        size = size or (image.shape[1], image.shape[0])
+        images.append(image)
+        kept.append(label)
     if skipped:
         logging.getLogger("distill_cli").warning(
-            "skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), folder, skipped[0]
-        )
-    return _arrays(np.stack(images).transpose(0, 3, 1, 2), labels, ds.classes)
+            "skipped %d unreadable image(s) in %s, e.g. %s", len(skipped),
+            os.path.join(root, "train" if train else "test"), skipped[0],
+        )  # fmt: skip
+    return _arrays(np.stack(images).transpose(0, 3, 1, 2), kept, classes)
 
 
 def _imagefolder(root: str, train: bool, download: bool) -> Arrays:

@@ -125,11 +125,35 @@ def setup_torch(seed: int, deterministic: bool, threads: int | None) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def autocast(device: torch.device, enabled: bool, dtype: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA when enabled; a no-op elsewhere."""
-    if device.type != "cuda" or not enabled:
+# What ``device.amp: null`` means on each device, as measured by bench/cpu_formats.py
+# (docs/performance.md): on a CPU with AVX-512 BF16 but no AMX, bf16 autocast trained no faster
+# than fp32, and slower with channels-last, so the CPU keeps fp32 unless asked.
+AMP_BY_DEFAULT = {"cuda": True, "cpu": False}
+
+
+def amp_enabled(device: torch.device, amp: bool | None) -> bool:
+    """Whether autocast runs: ``device.amp`` when set, else the measured default for the device."""
+    if device.type not in AMP_BY_DEFAULT:
+        return False
+    return AMP_BY_DEFAULT[device.type] if amp is None else amp
+
+
+def autocast(
+    device: torch.device, enabled: bool | None, dtype: str
+) -> contextlib.AbstractContextManager:
+    """Mixed precision: ``dtype`` on CUDA, bfloat16 on the CPU; a no-op when off or elsewhere.
+
+    Raises:
+        DeviceError: float16 asked for on the CPU, where it has no gradient scaler and no speed.
+    """
+    if not amp_enabled(device, enabled):
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    if device.type == "cpu" and dtype != "bfloat16":
+        raise DeviceError(
+            f"device.amp_dtype={dtype} runs only on CUDA; on the CPU use device.amp_dtype=bfloat16 "
+            "or device.amp=false"
+        )
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def setup_logging(log_file: Path | None, console_handler: logging.Handler) -> None:

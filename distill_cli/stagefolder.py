@@ -31,7 +31,8 @@ from distill_cli.trackers import Tracker, TrackerError, open_tracker
 from distill_cli.training import Interrupted, TrainingError
 
 log = logging.getLogger("distill_cli")
-_NOT_COMPARED = {"stage.resume", "overwrite"}  # keys a resumed run may change (logger.* too)
+# Keys a resumed run may change: they change neither the data nor the training (logger.* too).
+_NOT_COMPARED = {"stage.resume", "overwrite", "dataset.cache", "dataset.workers"}
 _TRACKED = ("pretrain", "finetune", "distill")  # the stages whose epochs a tracker records
 
 

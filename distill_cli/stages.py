@@ -13,6 +13,7 @@ stage.log, indices.json and manifest.json.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import distillation, distributed
+from distill_cli import distillation, distributed, runtime
 from distill_cli.data import (
     BatchLoader,
     TransferLoader,
@@ -31,9 +32,11 @@ from distill_cli.data import (
     select_classes,
     split_indices,
 )
+from distill_cli.datacache import CACHE_DIR
 from distill_cli.evaluation import evaluate_run, export_run
 from distill_cli.models import build_model, count_params
 from distill_cli.stagefolder import Stage, StageError, finish, running
+from distill_cli.streaming import ImageFiles, StreamLoader
 from distill_cli.training import (
     build_optimizer,
     build_scheduler,
@@ -105,7 +108,14 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
             )
         student = _build(cfg, data).to(st.device)
-        cache_at = distillation.cache_location(st, data.info) if cfg.stage.teacher_cache else None
+        streamed = not hasattr(data.train, "last_view")  # files decoded per batch
+        if streamed and cfg.kd.name == "crd":
+            raise StageError(
+                "kd=crd needs the images in memory (its memory bank is indexed by "
+                "image), but this image folder streams; set dataset.stream=false"
+            )
+        use_cache = cfg.stage.teacher_cache and not streamed
+        cache_at = distillation.cache_location(st, data.info) if use_cache else None
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
         summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
@@ -128,7 +138,11 @@ def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
     d, s = st.cfg.dataset, st.cfg.stage
     with distributed.main_first():  # under torchrun one process downloads
-        split = load_split(d.name, d.root or "data", True, d.download, d.bad_images)
+        split = load_split(
+            d.name, d.root or "data", True, d.download, d.bad_images, cache=d.cache,
+            cache_fallback=os.path.join(st.cfg.out_dir, CACHE_DIR), stream=d.stream,
+            max_memory_gb=d.max_memory_gb, workers=d.workers,
+        )  # fmt: skip
     if d.classes is not None:
         split = select_classes(split, list(d.classes))
     x = convert(split.x, d.image_size, d.channels)
@@ -141,6 +155,9 @@ def _load_data(st: Stage) -> Data:
     indices = {"train": train_idx.tolist(), "val": val_idx.tolist()}
     unlabeled, transfer = None, {}
     if s.get("transfer_set", "labeled") != "labeled":  # distill: unlabelled images join in
+        if isinstance(x, ImageFiles):
+            raise StageError(f"stage.transfer_set={s.transfer_set} needs the images in memory, "
+                             "but this image folder streams; set dataset.stream=false")  # fmt: skip
         with distributed.main_first():
             unlabeled, transfer = _unlabeled(st, x, indices)
     st.manifest["data"] = {
@@ -153,13 +170,15 @@ def _load_data(st: Stage) -> Data:
              d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
     loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
     augment = dict(shuffle=True, crop_padding=d.crop_padding, flip=d.flip, seed=st.cfg.seed)
+    streamed = isinstance(x, ImageFiles)  # an image folder too large for memory: files per batch
     # Per-image augmentation views, seeded by the data rather than the student's seed, let a
     # teacher cache serve every job of a sweep (distill only).
     views = dict(aug_seed=d.subset_seed, aug_views=s.get("aug_views"))
-    per_image = s.get("teacher_cache") or s.get("aug_views")
-    train = BatchLoader(x[train_idx], split.y[train_idx], s.batch_size,
-                        drop_last=len(train_idx) > s.batch_size, **augment, **loader,
-                        **(views if per_image else {}))  # fmt: skip
+    per_image = (s.get("teacher_cache") or s.get("aug_views")) and not streamed
+    train = (StreamLoader if streamed else BatchLoader)(
+        x[train_idx], split.y[train_idx], s.batch_size, drop_last=len(train_idx) > s.batch_size,
+        **augment, **loader, **(views if per_image else {}),
+    )  # fmt: skip
     if unlabeled is not None:
         size = s.batch_size * s.unlabeled_ratio
         extra = BatchLoader(unlabeled, torch.full((len(unlabeled),), distillation.UNLABELLED), size,
@@ -167,7 +186,9 @@ def _load_data(st: Stage) -> Data:
                             **views)  # fmt: skip
         train = TransferLoader(train, extra)
     val = (
-        BatchLoader(x[val_idx], split.y[val_idx], s.eval_batch_size, **loader)
+        (StreamLoader if streamed else BatchLoader)(
+            x[val_idx], split.y[val_idx], s.eval_batch_size, **loader
+        )
         if len(val_idx)
         else None
     )
@@ -195,7 +216,8 @@ def _unlabeled(st: Stage, x: torch.Tensor, indices: dict) -> tuple[torch.Tensor 
 
 
 def _channels_last(st: Stage) -> bool:
-    return st.device.type == "cuda" and st.cfg.device.channels_last
+    # Measured faster on the CPU too (bench/cpu_formats.py, docs/performance.md).
+    return st.device.type in ("cuda", "cpu") and st.cfg.device.channels_last
 
 
 def _build(cfg: DictConfig, data: Data) -> torch.nn.Module:
@@ -287,7 +309,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
         model.to(memory_format=torch.channels_last)
     runner = distributed.replicate(model, extra)  # DDP under torchrun, else the model itself
     runner = torch.compile(runner) if d.compile else runner  # checkpoints save the plain module
-    fp16 = st.device.type == "cuda" and d.amp and d.amp_dtype == "float16"
+    amp_on = runtime.amp_enabled(st.device, d.amp)  # device.amp=null: the device's default
+    fp16 = st.device.type == "cuda" and amp_on and d.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     if frozen_backbone:
         log.info("linear probe: backbone frozen for %d epochs", epochs)

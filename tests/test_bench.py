@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+CPU_FORMATS = BENCH.parent / "cpu_formats.py"
+DATA_CACHE = BENCH.parent / "data_cache.py"
 
 
 def test_throughput_benchmark_smoke(tmp_path):
@@ -19,7 +21,36 @@ def test_throughput_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     cnn = report["throughput"]["cnn"]
     assert cnn["reference_images_per_sec"] > 0 and cnn["distill_cli_images_per_sec"] > 0
-    assert report["startup_help_s"] > 0 and report["peak_rss_mib"]["distill_cli_runs"] > 0
+    assert report["startup_help_s"] > 0 and cnn["peak_rss_mib"]["distill_cli"] > 0
+    assert cnn["peak_rss_mib"]["reference_main_process"] > 0
+
+
+def test_cpu_formats_benchmark_smoke(tmp_path):
+    out = tmp_path / "formats.json"
+    proc = subprocess.run(
+        [sys.executable, str(CPU_FORMATS), "--models", "cnn", "--batch", "4", "--rounds", "1",
+         "--steps", "1", "--acc-dataset", "glyphs_target", "--acc-fraction", "0.05",
+         "--acc-epochs", "1", "--acc-seeds", "0", "--acc-settings", "bf16_channels_last",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["throughput"]["cnn"]) == 8  # fp32/bf16 x layouts x 1, 2 threads
+    assert all(r["images_per_sec"] > 0 for r in report["throughput"]["cnn"].values())
+    assert report["accuracy"]["cnn"]["bf16_channels_last"]["0"]["best_val_acc"] is not None
+
+
+def test_data_cache_benchmark_smoke(tmp_path):
+    out = tmp_path / "cache.json"
+    proc = subprocess.run(
+        [sys.executable, str(DATA_CACHE), "--data", "none", "--images", "32", "--reps", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = json.loads(out.read_text())["load"]["imagefolder"]
+    assert folder["images"] == 32 and folder["second_load_s"] > 0
 
 
 def test_distillation_cost_benchmark_smoke(tmp_path):

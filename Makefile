@@ -115,6 +115,9 @@ mnist-usps-methods: $(M2U_TEACHER) ## every kd method x 2 transfer sets x 3 seed
 	$(CLI) distill -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) tag=methods \
 	    stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 kd=$(METHODS) \
 	    stage.transfer_set=labeled,target seed=0,1,2 hydra/launcher=local device.threads=1 || true
+	$(CLI) pretrain -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) \
+	    tag=scratch_methods stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 seed=0,1,2 \
+	    hydra/launcher=local device.threads=1
 	$(CLI) eval run=mnist_usps stage.plots=false device.channels_last=false
 	$(CLI) report run=mnist_usps
 

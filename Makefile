@@ -32,6 +32,9 @@ FINETUNE_LR = 0.03
 TEACHER_LRS = 0.03,0.05
 STUDENT_LRS = 0.02,0.05
 EQ := =
+# A sweep exits 1 when some of its jobs failed (e.g. diverged at a learning rate too high) and the
+# others finished: the failed ones keep their last good checkpoint, eval and report list them.
+SWEEP_OK = || [ $$? -eq 1 ]
 # A multirun's last job folder stands for the whole sweep (the '=' in its name comes from $(EQ)).
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
@@ -60,15 +63,15 @@ $(OUT)/finetune/best.pt: $(OUT)/pretrain/best.pt
 
 $(OUT)/scratch_teacher/$(LAST): $(INPUTS)
 	$(CLI) pretrain -m $(COMMON) $(TARGET) model=$(TEACHER) tag=scratch_teacher $(TEACHER_FIT) \
-	    optimizer.lr=$(TEACHER_LRS)
+	    optimizer.lr=$(TEACHER_LRS) $(SWEEP_OK)
 
 $(OUT)/distill/$(LAST): $(OUT)/finetune/best.pt
 	$(CLI) distill -m $(COMMON) $(TARGET) model=$(STUDENT) $(STUDENT_FIT) \
-	    optimizer.lr=$(STUDENT_LRS)
+	    optimizer.lr=$(STUDENT_LRS) $(SWEEP_OK)
 
 $(OUT)/scratch_student/$(LAST): $(INPUTS)
 	$(CLI) pretrain -m $(COMMON) $(TARGET) model=$(STUDENT) tag=scratch_student $(STUDENT_FIT) \
-	    optimizer.lr=$(STUDENT_LRS)
+	    optimizer.lr=$(STUDENT_LRS) $(SWEEP_OK)
 
 $(OUT)/eval/metrics.json: $(OUT)/pretrain/best.pt $(OUT)/finetune/best.pt \
 		$(addprefix $(OUT)/,$(addsuffix /$(LAST),scratch_teacher distill scratch_student))
@@ -79,6 +82,8 @@ DATA ?= ../shared/data
 # docs/results.md's MNIST -> USPS numbers were measured with contiguous CPU tensors, before
 # channels-last became the CPU default; pinning it keeps them reproducible to the digit.
 M2U := run=mnist_usps seed=$(SEED) overwrite=true device.channels_last=false
+# ... and with the students' augmentation drawn per batch, as before the teacher cache.
+M2U_AUG := stage.teacher_cache=false
 MNIST := dataset=mnist dataset.root=$(DATA) dataset.download=false dataset.image_size=16
 USPS := dataset=usps dataset.root=$(DATA) dataset.download=false
 FEW := $(USPS) dataset.shots=10 stage.batch_size=32
@@ -88,13 +93,14 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 	$(CLI) pretrain $(M2U) $(MNIST) model=$(TEACHER) dataset.fraction=0.2 stage.epochs=3
 	$(CLI) finetune $(M2U) $(FEW) $(TEACHER_FIT) optimizer.lr=$(FINETUNE_LR)
 	$(CLI) pretrain -m $(M2U) $(FEW) $(TEACHER_FIT) model=$(TEACHER) tag=scratch_teacher \
-	    optimizer.lr=$(TEACHER_LRS)
-	$(CLI) distill -m $(M2U) $(FEW) $(STUDENT_FIT) model=$(STUDENT) optimizer.lr=$(STUDENT_LRS)
+	    optimizer.lr=$(TEACHER_LRS) $(SWEEP_OK)
+	$(CLI) distill -m $(M2U) $(FEW) $(STUDENT_FIT) model=$(STUDENT) optimizer.lr=$(STUDENT_LRS) \
+	    $(M2U_AUG) $(SWEEP_OK)
 	$(CLI) pretrain -m $(M2U) $(FEW) $(STUDENT_FIT) model=$(STUDENT) tag=scratch_student \
-	    optimizer.lr=$(STUDENT_LRS)
+	    optimizer.lr=$(STUDENT_LRS) $(SWEEP_OK)
 	$(CLI) finetune $(M2U) $(FULL) tag=finetune_full
 	$(CLI) pretrain $(M2U) $(FULL) model=$(TEACHER) tag=scratch_teacher_full
-	$(CLI) distill $(M2U) $(FULL) model=$(STUDENT) tag=distill_full \
+	$(CLI) distill $(M2U) $(FULL) model=$(STUDENT) tag=distill_full $(M2U_AUG) \
 	    stage.from=outputs/mnist_usps/finetune_full
 	$(CLI) pretrain $(M2U) $(FULL) model=$(STUDENT) tag=scratch_student_full
 	$(CLI) eval run=mnist_usps
@@ -114,7 +120,7 @@ $(M2U_TEACHER): | $(STAMP)
 mnist-usps-methods: $(M2U_TEACHER) ## every kd method x 2 transfer sets x 3 seeds on MNIST -> USPS
 	$(CLI) distill -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) tag=methods \
 	    stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 kd=$(METHODS) \
-	    stage.transfer_set=labeled,target seed=0,1,2 hydra/launcher=local device.threads=1 || true
+	    stage.transfer_set=labeled,target seed=0,1,2 hydra/launcher=local device.threads=1 $(SWEEP_OK)
 	$(CLI) pretrain -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) \
 	    tag=scratch_methods stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 seed=0,1,2 \
 	    hydra/launcher=local device.threads=1

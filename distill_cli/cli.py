@@ -2,7 +2,10 @@
 
     distill-cli pretrain dataset=glyphs_source model=resnet8x4 run=demo
     distill-cli distill -m run=demo kd.temperature=1,4 seed=0,1
+    distill-cli report run=demo
+    distill-cli distill -m run=demo hydra/sweeper=distill_optuna hydra/launcher=local
     distill-cli pretrain --cfg job
+    torchrun --nproc_per_node=4 -m distill_cli pretrain run=demo   # data parallel, 4 processes
 
 Before Hydra runs a stage, every configuration the command line names (each job of a sweep
 too) is composed and checked, so a bad value fails in one line, before torch is imported.
@@ -11,8 +14,10 @@ too) is composed and checked, so a bad value fails in one line, before torch is 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,14 +34,27 @@ from distill_cli.config import (
 )
 
 EXIT_USAGE = 2
+_FAILED_ENV = "DISTILL_CLI_FAILED_JOBS"  # a multirun's jobs append their failures to this file
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 _SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher processes) their keys
 # Flags after which Hydra reads a value; their values are not overrides.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}  # fmt: skip
+_PARALLEL_STAGES = ("pretrain", "finetune", "distill")  # the stages torchrun may run
 # Flags that only print something: no stage runs, so no preflight.
 _PRINT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version",
                 "--shell-completion", "-sc", "--resolve"}  # fmt: skip
+# Sweeper and launcher configs that need a plugin package: (group, name) -> plugin module.
+_PLUGINS = {
+    ("hydra/sweeper", "distill_optuna"): "hydra_optuna_sweeper",
+    ("hydra/sweeper", "optuna"): "hydra_optuna_sweeper",
+    ("hydra/launcher", "local"): "hydra_joblib_launcher",
+    ("hydra/launcher", "joblib"): "hydra_joblib_launcher",
+    ("hydra/launcher", "slurm"): "hydra_submitit_launcher",
+    ("hydra/launcher", "submitit_local"): "hydra_submitit_launcher",
+    ("hydra/launcher", "submitit_slurm"): "hydra_submitit_launcher",
+}
+SEARCH_STAGES = ("pretrain", "finetune", "distill")  # the stages that return a validation accuracy
 
 
 def conf_dir() -> str:
@@ -85,6 +103,10 @@ def _one_line(exc: Exception) -> str:
 def preflight(overrides: list[str], max_jobs: int = 256) -> None:
     """Compose and check the configuration of every job the overrides describe.
 
+    A search sweeper (``hydra/sweeper=distill_optuna``) draws its trials while it runs; for it
+    the fixed overrides are checked with every choice and both ends of every interval of the
+    search space, one dimension at a time.
+
     Raises:
         ConfigError: naming the first bad key or value, in one line.
     """
@@ -95,16 +117,83 @@ def preflight(overrides: list[str], max_jobs: int = 256) -> None:
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        choices = {o.key_or_group: o.get_value_element_as_str() for o in parsed
+                   if not o.is_sweep_override()}  # fmt: skip
+        _require_plugins(choices)
+        search = choices.get("hydra/sweeper", "basic") != "basic"
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-            for job in jobs[:max_jobs]:
-                check(compose(config_name="config", overrides=job))
+            jobs = _search_jobs(parsed) if search else BasicSweeper.split_arguments(parsed, None)[0]
+            for i, job in enumerate(jobs[:max_jobs]):
+                cfg = compose(config_name="config", overrides=job)
+                check(cfg)
+                if search and i == 0:
+                    _check_search(cfg, choices["hydra/sweeper"])
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf composition errors
         raise ConfigError(_one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _require_plugins(choices: dict[str, str]) -> None:
+    """Refuse a sweeper or launcher whose plugin package is not installed, naming the extra."""
+    for group, name in choices.items():
+        module = _PLUGINS.get((group, name))
+        if module and importlib.util.find_spec(f"hydra_plugins.{module}") is None:
+            raise ConfigError(
+                f"{group}={name} needs the {module.replace('_', '-')} package: "
+                "pip install 'distill-cli[sweep]'"
+            )
+
+
+def _search_jobs(parsed: list) -> list[list[str]]:
+    """Jobs that probe a search space: the fixed overrides, then each dimension's extremes.
+
+    The space is the sweeper's ``params`` from its YAML, updated by the command line: there
+    ``KEY=interval(...)`` adds or replaces a dimension and ``KEY=VALUE`` fixes the key.
+    """
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeper = compose(config_name="config", overrides=fixed, return_hydra_config=True).hydra.sweeper
+    space = {str(k): f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()}
+    for o in parsed:
+        space[o.key_or_group] = o.input_line
+        if not o.is_sweep_override():
+            del space[o.key_or_group]
+    dims = [(o.key_or_group, _extremes(o))
+            for o in OverridesParser.create().parse_overrides(list(space.values()))]  # fmt: skip
+    first = [f"{key}={values[0]}" for key, values in dims]
+    jobs = [fixed + first]
+    for i, (key, values) in enumerate(dims):
+        jobs += [fixed + first[:i] + [f"{key}={v}"] + first[i + 1 :] for v in values[1:]]
+    return jobs
+
+
+def _extremes(override) -> list[str]:
+    """Every value of a choice; the two ends of a range or an interval."""
+    if override.is_interval_sweep():
+        interval = override.value()
+        return [str(interval.start), str(interval.end)]
+    values = list(override.sweep_string_iterator())
+    return values if override.is_choice_sweep() else [values[0], values[-1]]
+
+
+def _check_search(cfg: DictConfig, sweeper: str) -> None:
+    """A search maximises the validation accuracy a training stage returns: both must exist."""
+    if cfg.stage.name not in SEARCH_STAGES:
+        raise ConfigError(
+            f"hydra/sweeper={sweeper} searches a training stage ({', '.join(SEARCH_STAGES)}); "
+            f"{cfg.stage.name} returns no validation accuracy"
+        )
+    d = cfg.dataset
+    if d.val_per_class == 0 or (d.val_per_class is None and d.val_fraction == 0):
+        raise ConfigError(
+            f"hydra/sweeper={sweeper} maximises validation accuracy: keep dataset.val_fraction > 0 "
+            "(or dataset.val_per_class > 0)"
+        )
 
 
 def _sweep_keys(overrides: list[str]) -> list[str]:
@@ -118,7 +207,9 @@ def _sweep_keys(overrides: list[str]) -> list[str]:
 def _job_subdir() -> str | None:
     """In a multirun, the job's own folder, named by its swept values: ``kd.temperature=4,seed=1``.
 
-    Jobs never share files; the keys every job shares are left out of the name.
+    Jobs never share files; the keys every job shares are left out of the name. The trials of a
+    search (any sweeper but Hydra's basic one) are numbered instead, ``trial=3``: their values
+    are many-digit draws, and a draw may repeat. Each trial's config.yaml holds its values.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -126,30 +217,93 @@ def _job_subdir() -> str | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
+    if not str(hc.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return f"trial={hc.job.num}"
     swept = set(filter(None, os.environ.get(_SWEEP_ENV, "").split(";")))
     parts = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept]
     name = ",".join(parts) if parts else hc.job.override_dirname
     return name.replace("/", "_") or f"job{hc.job.num}"
 
 
+def _launched() -> bool:
+    """Whether torchrun started this process as one of several (read without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _first_process() -> bool:
+    """Process 0 of a torchrun, or a single process: the one that prints errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _task(cfg: DictConfig) -> float | None:
-    """The Hydra task: run one stage; user errors end in one line and exit code 2."""
+    """The Hydra task: run one stage; user errors end in one line and exit code 2.
+
+    In a multirun a failed job does not stop the sweep: its error is printed and recorded, the
+    sweeper gets NaN, the other jobs run, and the command exits 1 at the end. Under torchrun
+    every process runs the stage in one process group; process 0 prints.
+    """
     from distill_cli.console import print_error
+
+    if _launched() and cfg.stage.name not in _PARALLEL_STAGES:
+        if _first_process():
+            print_error(f"{cfg.stage.name} runs in a single process: run it without torchrun")
+        sys.exit(EXIT_USAGE)
+    if cfg.stage.name == "report":  # reads JSON and YAML only: this path never imports torch
+        from distill_cli.report import ReportError, report_run
+
+        try:
+            return report_run(cfg, _job_subdir())
+        except ReportError as exc:
+            return _user_error(exc)
+    from distill_cli import distributed, runtime
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted
 
     try:
+        distributed.init(runtime.pick_device(cfg.device.name))
         return run_stage(cfg, _job_subdir())
     except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print_error(str(exc))
-        sys.exit(EXIT_USAGE)
+        return _user_error(exc)
     except (Interrupted, KeyboardInterrupt) as exc:
+        from distill_cli.console import print_error
+
         where = f"{exc}; " if str(exc) else ""
-        print_error(f"interrupted: {where}run the same command with stage.resume=true to continue")
+        if distributed.is_main():
+            print_error(f"interrupted: {where}run the same command with stage.resume=true to "
+                        "continue")  # fmt: skip
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        distributed.shutdown()
+
+
+def _user_error(exc: Exception) -> float:
+    """Print one line; exit 2, or in a multirun record the failed job and return NaN."""
+    from distill_cli.console import print_error
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    job = _job_subdir()
+    failed = os.environ.get(_FAILED_ENV)
+    if _first_process():  # under torchrun the others met the same error, or stopped because of it
+        print_error(f"{job}: {exc}" if job and failed else str(exc))
+    if not failed:
+        sys.exit(EXIT_USAGE)
+    with open(failed, "a", encoding="utf-8") as f:  # jobs may run in other processes
+        f.write(f"{job}: {exc}\n")
+    return float("nan")
+
+
+def _report_failures(path: str) -> None:
+    """After a multirun: name the jobs that failed and exit 1 if any did."""
+    from distill_cli.console import print_error
+
+    lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+    Path(path).unlink(missing_ok=True)
+    if lines:
+        print_error(f"{len(lines)} job(s) of the sweep failed (the others finished): "
+                    + "; ".join(line.split(":")[0] for line in lines))  # fmt: skip
+        sys.exit(1)
 
 
 def main() -> None:
@@ -176,15 +330,27 @@ def main() -> None:
         except ConfigError as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print_error(str(exc))
+            if _first_process():  # under torchrun every process finds the same error
+                print_error(str(exc))
             sys.exit(EXIT_USAGE)
     if "-m" in flags or "--multirun" in flags:
+        if _launched():
+            if _first_process():
+                print_error("sweeps (-m) do not run under torchrun: start one torchrun per job")
+            sys.exit(EXIT_USAGE)
         os.environ[_SWEEP_ENV] = ";".join(_sweep_keys(overrides))
         stage = next((o[6:] for o in overrides if o.startswith("stage=")), "pretrain")
         if stage == "pretrain" and not any(o.startswith("run=") for o in overrides):
             overrides.append(f"run={time.strftime(RUN_NAME_FORMAT)}")  # one new run for all jobs
     sys.argv = [sys.argv[0], *flags, *overrides]  # argparse wants the overrides together
+    multirun = "-m" in flags or "--multirun" in flags
+    if multirun:
+        fd, failed = tempfile.mkstemp(prefix="distill-cli-failed-", suffix=".txt")
+        os.close(fd)
+        os.environ[_FAILED_ENV] = failed
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
+    if multirun:
+        _report_failures(failed)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ imports neither torch nor Hydra's app machinery, so configuration errors come ba
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-STAGES = ("pretrain", "finetune", "distill", "eval", "export")
+STAGES = ("pretrain", "finetune", "distill", "eval", "export", "report")
 MODELS = (
     "cnn", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vit_tiny",
     "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "lstm_rows",
@@ -26,9 +27,17 @@ DATASETS = (
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-KD_METHODS = ("kd", "logit_mse")
+KD_METHODS = ("kd", "logit_mse", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd")
+LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist")
+TRANSFER_SETS = ("labeled", "target", "source", "source+target")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
+REPORT_METRICS = (
+    "best_val_acc", "last_val_acc", "best_epoch", "train_time_s", "params", "top1", "top5", "nll",
+    "ece", "agreement", "kept", "macs", "latency_ms_p50",
+)  # fmt: skip
+LOGGERS = ("none", "tensorboard", "mlflow")
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> module it needs
 RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # runs started without run=NAME are named by their start time
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
 
@@ -118,6 +127,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.throughput_batch": _int(1),
     "stage.plots": _BOOL,
     "stage.format": _one_of(("onnx", "torchscript")),
+    "stage.metrics": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(m in REPORT_METRICS for m in v),
+        "a non-empty list drawn from " + ", ".join(REPORT_METRICS),
+    ),
+    "stage.runs": (
+        lambda v: isinstance(v, list) and all(_RUN[0](r) for r in v),
+        "a list of run names",
+    ),  # fmt: skip
     "model.name": _one_of(MODELS),
     "model.weights": _optional(_STR),  # imagenet, or a path to a torchvision state_dict
     "dataset.name": _one_of(DATASETS),
@@ -165,6 +182,30 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd.temperature": _POSITIVE,
     "kd.ce_weight": _NONNEG,
     "kd.kd_weight": _NONNEG,
+    "kd.feat_weight": _NONNEG,
+    "kd.warmup_epochs": _int(0),
+    "kd.alpha": _NONNEG,  # dkd
+    "kd.beta": _NONNEG,
+    "kd.inter_weight": _NONNEG,  # dist
+    "kd.intra_weight": _NONNEG,
+    "kd.student_layer": _optional(_STR),  # fitnet
+    "kd.teacher_layer": _optional(_STR),
+    "kd.p": _POSITIVE,  # at
+    "kd.distance_weight": _NONNEG,  # rkd
+    "kd.angle_weight": _NONNEG,
+    "kd.feat_dim": _int(1),  # crd
+    "kd.nce_k": _int(1),
+    "kd.nce_t": _POSITIVE,
+    "kd.nce_m": _num(0, 1, hi_open=True),
+    "stage.transfer_set": _one_of(TRANSFER_SETS),
+    "stage.unlabeled_limit": _optional(_int(0)),
+    "stage.unlabeled_ratio": _int(1),
+    "stage.teacher_cache": _BOOL,
+    "stage.aug_views": _optional(_int(1)),
+    "logger.name": _one_of(LOGGERS),
+    "logger.dir": _RUN,
+    "logger.tracking_uri": _STR,
+    "logger.experiment": _optional(_STR),
 }
 
 
@@ -192,6 +233,18 @@ def check(cfg: DictConfig) -> None:
         ok, expected = RULES[key]
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    kd = cfg.get("kd") or {}
+    if kd.get("name") in LOGIT_METHODS and kd.get("feat_weight"):
+        raise ConfigError(
+            f"kd.feat_weight={kd.feat_weight} needs a feature method; kd={kd.name} has no feature "
+            f"term (feature methods: {', '.join(m for m in KD_METHODS if m not in LOGIT_METHODS)})"
+        )
+    logger = cfg.get("logger", {}).get("name")
+    if logger in _LOGGER_PACKAGES and importlib.util.find_spec(_LOGGER_PACKAGES[logger]) is None:
+        raise ConfigError(
+            f"logger={logger} needs the {_LOGGER_PACKAGES[logger]} package: "
+            "pip install 'distill-cli[track]'"
+        )
     if cfg.dataset.shots is not None and cfg.dataset.fraction is not None:
         raise ConfigError("set only one of dataset.shots and dataset.fraction")
     if cfg.stage.name == "finetune" and cfg.stage.mode == "linear_then_full":

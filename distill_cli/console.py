@@ -35,10 +35,10 @@ class StageProgress:
     """A progress bar over the steps of a stage with live loss, accuracy and images/s.
 
     Disabled when stderr is not a terminal (CI, make, log files): the per-epoch log lines carry
-    the same numbers there.
+    the same numbers there; ``show=False`` disables it too (the other processes of a torchrun).
     """
 
-    def __init__(self, total_steps: int, description: str) -> None:
+    def __init__(self, total_steps: int, description: str, show: bool = True) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -47,7 +47,7 @@ class StageProgress:
             TimeElapsedColumn(),
             console=err,
             transient=True,
-            disable=not err.is_terminal,
+            disable=not (show and err.is_terminal),
         )
         self._task = self._progress.add_task(description, total=total_steps, status="")
 

@@ -38,11 +38,13 @@ __all__ = [
     "BatchLoader",
     "DataError",
     "Split",
+    "TransferLoader",
     "channel_stats",
     "convert",
     "load_split",
     "select_classes",
     "split_indices",
+    "unlabeled_indices",
 ]
 
 # Images are processed in chunks of this many so that 60k-image datasets stay small in memory.
@@ -221,6 +223,26 @@ def _class_index(cls: int | str, names: list[str]) -> int:
     )
 
 
+def unlabeled_indices(
+    n: int, exclude: torch.Tensor, limit: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Indices in ``0..n-1`` outside ``exclude``; a seeded random ``limit`` of them if given.
+
+    Used for the transfer set: the target's training images that are neither labelled nor held
+    out for validation, whose labels distillation never reads.
+
+    Returns:
+        Sorted int64 indices.
+    """
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[exclude] = False
+    pool = keep.nonzero().flatten()
+    if limit is not None and limit < len(pool):
+        gen = torch.Generator().manual_seed(seed)
+        pool = pool[torch.randperm(len(pool), generator=gen)[:limit]].sort().values
+    return pool
+
+
 def split_indices(
     y: torch.Tensor,
     num_classes: int,
@@ -357,6 +379,8 @@ class BatchLoader:
         seed: int = 0,
         device: str | torch.device = "cpu",
         channels_last: bool = False,
+        aug_seed: int | None = None,
+        aug_views: int | None = None,
     ) -> None:
         if len(x) != len(y):
             raise DataError(f"{len(x)} images but {len(y)} labels")
@@ -368,11 +392,21 @@ class BatchLoader:
         self.crop_padding, self.flip = crop_padding, flip
         self.seed, self.epoch = seed, 0
         self.channels_last = channels_last
+        self.last_index = torch.empty(0, dtype=torch.int64)  # rows of x in the latest batch
+        # Per-image augmentation (a teacher cache needs it): image i in view v is augmented by
+        # parameters drawn from (aug_seed, v) alone, whatever the batch order.
+        self.aug_seed, self.aug_views = aug_seed, aug_views
+        self.last_view = torch.empty(0, dtype=torch.int64)  # view of each image of the batch
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add per pixel.
         self._scale = 1 / (255 * std_t)
         self._shift = mean_t / std_t
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the loader: the range of ``last_index``."""
+        return len(self.x)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -384,18 +418,56 @@ class BatchLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from number ``start`` on (per-image augmentation only)."""
+        if start and self.aug_seed is None and (self.crop_padding or self.flip):
+            raise ValueError("starting inside an epoch needs per-image augmentation (aug_seed)")
         # Hashes of int tuples do not depend on PYTHONHASHSEED, so this is stable across runs.
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
         n = len(self.x)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
-        for i in range(len(self)):
+        view = self.view(self.epoch)
+        table = self._view_table(view) if self.aug_seed is not None else None
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            images = self._augment(self.x[idx], gen)
+            if table is None:
+                images = self._augment(self.x[idx], gen)
+            else:
+                images = self._augment_view(self.x[idx], *(t[..., idx] for t in table))
+            self.last_view = torch.full_like(idx, view)
             images = images.float() * self._scale - self._shift
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            self.last_index = idx  # per-sample state of a loss (CRD's memory bank) reads it
             yield images, self.y[idx]
+
+    def view(self, epoch: int) -> int:
+        """Which augmentation view an epoch uses: one per epoch, cycling through ``aug_views``.
+
+        Without augmentation every epoch shows the same images: view 0.
+        """
+        if not (self.crop_padding or self.flip):
+            return 0
+        return epoch % self.aug_views if self.aug_views else epoch
+
+    def _view_table(self, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets (2, N) and flips (N,) of every image in ``view``."""
+        gen = torch.Generator().manual_seed(hash((self.aug_seed, view)) & (2**63 - 1))
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, len(self.x)), generator=gen)
+        flips = torch.rand(len(self.x), generator=gen) < 0.5
+        return offsets.to(self.device), flips.to(self.device)
+
+    def _augment_view(
+        self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor
+    ) -> torch.Tensor:
+        if self.crop_padding > 0:
+            images = crop_at(images, self.crop_padding, offsets)
+        if self.flip:
+            images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
+        return images
 
     def _augment(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # Augmenting the uint8 batch moves a quarter of the bytes of the float batch.
@@ -423,3 +495,52 @@ def crop_at(images: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.
     # Advanced indices around a slice put their dims first: the result is (B, H, W, C).
     cropped = padded[batch, :, rows[:, :, None], cols[:, None, :]]
     return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+class TransferLoader:
+    """Labelled batches, each joined by a batch of unlabelled images (label -1).
+
+    An epoch is one pass over the labelled loader, so ``stage.epochs`` means the same number of
+    optimisation steps with or without unlabelled images. The unlabelled loader runs as one
+    endless sequence of passes (pass ``p`` shuffled and augmented by its own seed) that the
+    epochs take their batches from in turn: epoch ``e`` takes batches ``(e-1)*L`` to ``e*L-1``,
+    so a resumed epoch repeats exactly. ``last_index`` numbers labelled images first, then
+    unlabelled ones. The unlabelled loader needs per-image augmentation (``aug_seed``).
+    """
+
+    def __init__(self, labeled: BatchLoader, unlabeled: BatchLoader) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.epoch = 0
+        self.last_index = torch.empty(0, dtype=torch.int64)
+        self.last_view = torch.empty(0, dtype=torch.int64)
+
+    @property
+    def num_samples(self) -> int:
+        """Labelled plus unlabelled images: the range of ``last_index``."""
+        return self.labeled.num_samples + self.unlabeled.num_samples
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch of the labelled loader and the unlabelled batches it is joined with."""
+        self.epoch = epoch
+        self.labeled.set_epoch(epoch)
+
+    def _unlabeled_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        passes, start = divmod(max(self.epoch - 1, 0) * len(self.labeled), len(self.unlabeled))
+        while True:
+            self.unlabeled.set_epoch(passes)
+            for x, y in self.unlabeled.batches(start):
+                yield x, y, self.unlabeled.last_index, self.unlabeled.last_view
+            passes, start = passes + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        extra = self._unlabeled_batches()
+        offset = self.labeled.num_samples
+        for x, y in self.labeled:
+            xu, yu, iu, vu = next(extra)
+            self.last_index = torch.cat([self.labeled.last_index, iu + offset])
+            # views of the two streams are told apart by sign: unlabelled ones are negative
+            self.last_view = torch.cat([self.labeled.last_view, -1 - vu])
+            yield torch.cat([x, xu]), torch.cat([y, yu])

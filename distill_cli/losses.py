@@ -1,8 +1,10 @@
-"""Distillation losses: small pure functions on logits, chosen by name with ``kd=NAME``.
+"""Distillation losses on logits: small pure functions, chosen by name with ``kd=NAME``.
 
-``distill-cli distill kd=kd kd.temperature=4`` uses :func:`kd_loss`; ``kd=logit_mse`` uses
-:func:`logit_mse`. :func:`distill_loss` weighs a method against the label cross-entropy and
-returns every term, so each can be logged on its own.
+``distill-cli distill kd=kd kd.temperature=4`` uses :func:`kd_loss`; ``kd=logit_mse``,
+``kd=dkd`` and ``kd=dist`` use :func:`logit_mse`, :func:`dkd_loss` and :func:`dist_loss`.
+:func:`distill_loss` weighs a method against the label cross-entropy and returns every term, so
+each can be logged on its own. Feature methods (FitNet, AT, SP, RKD, PKT, CRD) live in
+``feature_kd``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+UNLABELLED = -1  # label of a sample without a ground-truth class
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -30,8 +34,85 @@ def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-# name -> function(student_logits, teacher_logits, **method options)
-KD_METHODS: dict[str, Callable[..., torch.Tensor]] = {"kd": kd_loss, "logit_mse": logit_mse}
+def dkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``, each times T squared.
+
+    TCKD is the KL between the binary (target, all others) distributions; NCKD the KL between
+    the distributions over the non-target classes. Both are batchmean, as in mdistiller's DKD,
+    whose NCKD hides the target class by subtracting 1000 from its tempered logit. Computed in
+    log space, so a saturated softmax gives no ``log(0)``. The warm-up is the caller's business.
+    """
+    target = F.one_hot(labels, student.shape[1]).bool()
+    log_s = F.log_softmax(student.float() / temperature, dim=1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=1)
+
+    def binary(log_p: torch.Tensor) -> torch.Tensor:  # log of (p_target, 1 - p_target)
+        in_target = log_p.masked_fill(~target, float("-inf")).logsumexp(1)
+        others = log_p.masked_fill(target, float("-inf")).logsumexp(1)
+        return torch.stack([in_target, others], dim=1)
+
+    tckd = F.kl_div(binary(log_s), binary(log_t), reduction="batchmean", log_target=True)
+    hide = 1000.0 * target  # mdistiller's mask: exp(-1000) is 0 in float32
+    log_s_rest = F.log_softmax(student.float() / temperature - hide, dim=1)
+    log_t_rest = F.log_softmax(teacher.float() / temperature - hide, dim=1)
+    nckd = F.kl_div(log_s_rest, log_t_rest, reduction="batchmean", log_target=True)
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``; eps as in DIST."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    inter_weight: float = 1.0,
+    intra_weight: float = 1.0,
+) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): match correlations instead of exact probabilities.
+
+    Inter-class relation: 1 - Pearson correlation between a sample's student and teacher
+    probabilities, averaged over the batch. Intra-class relation: the same along the batch for
+    each class, averaged over classes. Both times T squared. The defaults (T=1, weights 1) are
+    those of the official code (hunto/DIST_KD, ImageNet); its CIFAR-100 recipe uses T=4.
+    """
+    p_student = F.softmax(student.float() / temperature, dim=1)
+    p_teacher = F.softmax(teacher.float() / temperature, dim=1)
+    inter = 1 - _pearson_rows(p_student, p_teacher).mean()
+    intra = 1 - _pearson_rows(p_student.T, p_teacher.T).mean()
+    return (inter_weight * inter + intra_weight * intra) * temperature**2
+
+
+# name -> function(student_logits, teacher_logits, labels, **method options)
+LOGIT_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "kd": lambda student, teacher, labels, **options: kd_loss(student, teacher, **options),
+    "logit_mse": lambda student, teacher, labels, **options: logit_mse(student, teacher, **options),
+    "dkd": dkd_loss,
+    "dist": lambda student, teacher, labels, **options: dist_loss(student, teacher, **options),
+}
+KD_METHODS = LOGIT_METHODS  # the name older callers import
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled samples; labels of ``UNLABELLED`` are skipped.
+
+    With no labelled sample it is a zero that still depends on ``logits``, so ``backward`` works.
+    Needs no host-device synchronisation.
+    """
+    labelled = labels != UNLABELLED
+    per_sample = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
 
 
 def distill_loss(
@@ -43,13 +124,17 @@ def distill_loss(
     kd_weight: float,
     **options: float,
 ) -> dict[str, torch.Tensor]:
-    """Weighted sum of the label cross-entropy and a distillation term.
+    """Weighted sum of the label cross-entropy and a logit distillation term.
+
+    Labels of -1 mark unlabelled samples: they are left out of the cross-entropy but still
+    distilled; DKD takes the teacher's top class as their target.
 
     Returns:
         ``{"loss": total, "ce": unweighted cross-entropy, "kd": unweighted distillation term}``.
     """
-    if method not in KD_METHODS:
-        raise ValueError(f"unknown kd method '{method}'; valid: {', '.join(KD_METHODS)}")
-    ce = F.cross_entropy(student.float(), labels)
-    kd = KD_METHODS[method](student, teacher, **options)
+    if method not in LOGIT_METHODS:
+        raise ValueError(f"unknown kd method '{method}'; valid: {', '.join(LOGIT_METHODS)}")
+    ce = masked_cross_entropy(student, labels)
+    targets = torch.where(labels == UNLABELLED, teacher.argmax(1), labels)
+    kd = LOGIT_METHODS[method](student, teacher, targets, **options)
     return {"loss": ce_weight * ce + kd_weight * kd, "ce": ce, "kd": kd}

@@ -215,10 +215,15 @@ def versions() -> dict[str, str]:
     }
 
 
+def json_bytes(data: Any, sort_keys: bool = True) -> bytes:
+    """``data`` as the indented JSON text :func:`write_json` writes."""
+    return (json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n").encode()
+
+
 def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
     """Write JSON atomically, indented."""
-    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    blob = json_bytes(data, sort_keys)
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def now() -> str:

@@ -5,10 +5,12 @@
 
 A folder is claimed under a lock (a second writer is refused), never silently reused: results
 are kept unless ``overwrite=true`` moves them aside, and an unfinished run is offered a resume.
+Under torchrun, process 0 claims the folder and writes in it; the others only read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -22,14 +24,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import console, runtime
+from distill_cli import console, distributed, runtime
 from distill_cli.config import ConfigError
 from distill_cli.data import DataError
+from distill_cli.trackers import Tracker, TrackerError, open_tracker
 from distill_cli.training import Interrupted, TrainingError
 
 log = logging.getLogger("distill_cli")
-# Keys a resumed run may change: they change neither the data nor the training.
+# Keys a resumed run may change: they change neither the data nor the training (logger.* too).
 _NOT_COMPARED = {"stage.resume", "overwrite", "dataset.cache", "dataset.workers"}
+_TRACKED = ("pretrain", "finetune", "distill")  # the stages whose epochs a tracker records
 
 
 class StageError(Exception):
@@ -39,7 +43,7 @@ class StageError(Exception):
 # Errors whose one-line message is all a user needs: no traceback for these.
 USER_ERRORS = (
     StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError,
-    runtime.FolderLocked, TrainingError,
+    runtime.FolderLocked, TrainingError, TrackerError,
 )  # fmt: skip
 
 
@@ -53,6 +57,8 @@ class Stage:
     device: torch.device
     manifest: dict = field(default_factory=dict)
     resume: dict | None = None  # the last.pt checkpoint to continue from, until it is used
+    tracker: Tracker = field(default_factory=Tracker)  # logger=...: gets each epoch's metrics
+    main: bool = True  # False in torchrun's other processes: they write nothing
 
     def amp(self):
         """The autocast context configured for this device."""
@@ -60,7 +66,15 @@ class Stage:
 
     def write_manifest(self) -> None:
         """Persist the manifest (called after every change worth keeping)."""
-        runtime.write_json(self.folder / "manifest.json", self.manifest)
+        if self.main:
+            runtime.write_json(self.folder / "manifest.json", self.manifest)
+
+    def write_json(self, name: str, data: Any) -> str:
+        """Write ``data`` into the folder as JSON; return the file's sha256 (on every process)."""
+        blob = runtime.json_bytes(data)
+        if self.main:
+            ck.atomic_write(self.folder / name, lambda f: f.write(blob))
+        return hashlib.sha256(blob).hexdigest()
 
 
 @contextmanager
@@ -68,6 +82,8 @@ def running(cfg: DictConfig, job_subdir: str | None) -> Iterator[Stage]:
     """Open the stage folder for the duration of a stage; record how the stage ended."""
     st = open_stage(cfg, job_subdir)
     try:
+        if st.main:  # torchrun: process 0 alone reports to the tracker
+            st.tracker = _open_tracker(st)
         yield st
     except BaseException as exc:
         fail(st, exc)
@@ -77,7 +93,22 @@ def running(cfg: DictConfig, job_subdir: str | None) -> Iterator[Stage]:
 
 
 def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
-    """Resolve run and folder, claim the folder, set up logging, device and seeds."""
+    """Resolve run and folder, claim the folder, set up logging, device and seeds.
+
+    Under torchrun process 0 does this and tells the others where the folder is.
+    """
+    if not distributed.is_main():
+        return _follow(cfg, distributed.share(None))
+    try:
+        st = _open(cfg, job_subdir)
+    except BaseException:
+        distributed.share(None)  # the others stop too
+        raise
+    distributed.share((st.run_dir, st.folder, st.resume is not None))
+    return st
+
+
+def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
     name = cfg.stage.name
     run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
     run_dir = Path(cfg.out_dir) / run
@@ -91,9 +122,12 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
     log.info("%s -> %s", name, folder)
     if replaced:
         log.info("moved the previous results to %s", replaced)
-    device = runtime.pick_device(cfg.device.name)
+    device = distributed.device() or runtime.pick_device(cfg.device.name)
     runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
     st = Stage(cfg, run_dir, folder, device, resume=resume)
+    if distributed.world() > 1:
+        log.info("data parallel: %d processes (torchrun), each trains on 1/%d of every batch",
+                 distributed.world(), distributed.world())  # fmt: skip
     if resume is None:
         OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
         st.manifest = runtime.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
@@ -105,8 +139,44 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
             {"at": runtime.now(), "epoch": state["epoch"], "step": state["step"]}
         )
         st.manifest.update(status="running", device=str(device))
+    if distributed.world() > 1:
+        st.manifest["processes"] = distributed.world()
     st.write_manifest()
     return st
+
+
+def _open_tracker(st: Stage) -> Tracker:
+    """The experiment tracker ``logger`` selects, for a training stage; its run id is kept."""
+    opts = dict(st.cfg.get("logger") or {"name": "none"})
+    kind = opts.pop("name")
+    if kind == "none" or st.cfg.stage.name not in _TRACKED:
+        return Tracker()
+    if st.resume is not None:  # continue the tracker run; drop the epochs trained again
+        state = st.resume["train_state"]
+        done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
+        opts.update(purge_step=done + 1, run_id=st.manifest.get("tracker", {}).get("run_id"))
+    opts.update(experiment=opts.get("experiment") or st.run_dir.name,
+                tags={"distill_cli.stage": st.cfg.stage.name})  # fmt: skip
+    config = OmegaConf.to_container(st.cfg, resolve=True)
+    tracker = open_tracker(kind, st.folder, st.folder.relative_to(st.run_dir).as_posix(), config,
+                           **opts)  # fmt: skip
+    st.manifest["tracker"] = {"name": kind, "run_id": tracker.run_id}
+    st.write_manifest()
+    return tracker
+
+
+def _follow(cfg: DictConfig, shared: tuple | None) -> Stage:
+    """Another torchrun process: the folder process 0 claimed, read only; it logs errors only."""
+    if shared is None:  # process 0 failed and says why
+        raise StageError("process 0 could not open the stage folder")
+    run_dir, folder, resumed = shared
+    runtime.setup_logging(None, console.log_handler())
+    log.setLevel(logging.ERROR)
+    device = distributed.device() or runtime.pick_device(cfg.device.name)
+    runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
+    resume = ck.load_checkpoint(folder / "last.pt") if resumed else None
+    manifest = {"parent": None, "data": None, "checkpoints": {}}  # filled in memory, never written
+    return Stage(cfg, run_dir, folder, device, manifest, resume, main=False)
 
 
 def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -190,7 +260,8 @@ def _resume_point(cfg: DictConfig, folder: Path) -> dict:
 def _differences(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two configs, except those a resume may change."""
     flat = [_flatten(OmegaConf.to_container(c, resolve=True)) for c in (old, new)]
-    keys = (flat[0].keys() | flat[1].keys()) - _NOT_COMPARED
+    keys = {k for k in flat[0].keys() | flat[1].keys() if not k.startswith("logger.")}
+    keys -= _NOT_COMPARED
     pairs = {k: (flat[0].get(k), flat[1].get(k)) for k in sorted(keys)}
     return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
 
@@ -216,6 +287,8 @@ def _truncate_metrics(path: Path, state: dict) -> None:
 
 def finish(st: Stage, summary: dict) -> float | None:
     """Write the final metrics, complete the manifest, print the summary table."""
+    if not st.main:
+        return summary.get("best_val_acc")
     runtime.write_json(st.folder / "metrics.json", summary)
     st.manifest.update(status="completed", finished=runtime.now())
     st.write_manifest()
@@ -236,6 +309,7 @@ def fail(st: Stage, exc: BaseException) -> None:
 
 
 def close(st: Stage) -> None:
-    """Release the folder's lock and flush the log file (safe to call twice)."""
+    """End the tracker run, release the folder's lock, flush the log file (safe to call twice)."""
+    st.tracker.close(st.manifest.get("status", "failed"))
     runtime.unlock_folder(st.folder)
     runtime.close_logging()

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import runtime
+from distill_cli import distillation, distributed, runtime
 from distill_cli.data import (
     BatchLoader,
+    TransferLoader,
     channel_stats,
     convert,
     load_split,
@@ -33,7 +34,6 @@ from distill_cli.data import (
 )
 from distill_cli.datacache import CACHE_DIR
 from distill_cli.evaluation import evaluate_run, export_run
-from distill_cli.losses import distill_loss
 from distill_cli.models import build_model, count_params
 from distill_cli.stagefolder import Stage, StageError, finish, running
 from distill_cli.streaming import ImageFiles, StreamLoader
@@ -108,17 +108,20 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
             )
         student = _build(cfg, data).to(st.device)
-        kd = OmegaConf.to_container(cfg.kd)
-        method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
-
-        def loss_fn(model, x, y):
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            logits = model(x)
-            return logits, distill_loss(logits, teacher_logits, y, method, ce_w, kd_w, **kd)
-
-        summary = _train(st, student, data, loss_fn, cfg.stage.epochs)
+        streamed = not hasattr(data.train, "last_view")  # files decoded per batch
+        if streamed and cfg.kd.name == "crd":
+            raise StageError(
+                "kd=crd needs the images in memory (its memory bank is indexed by "
+                "image), but this image folder streams; set dataset.stream=false"
+            )
+        use_cache = cfg.stage.teacher_cache and not streamed
+        cache_at = distillation.cache_location(st, data.info) if use_cache else None
+        goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
+                                      cache_at)  # fmt: skip
+        summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
         summary["teacher_params"] = count_params(teacher)
+        if goal.cache is not None:
+            summary["teacher_cache_hit_rate"] = distillation.save_cache(st, goal.cache)
         return _finish(st, student, summary)
 
 
@@ -134,11 +137,12 @@ STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
 def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
     d, s = st.cfg.dataset, st.cfg.stage
-    split = load_split(
-        d.name, d.root or "data", True, d.download, d.bad_images, cache=d.cache,
-        cache_fallback=os.path.join(st.cfg.out_dir, CACHE_DIR), stream=d.stream,
-        max_memory_gb=d.max_memory_gb, workers=d.workers,
-    )  # fmt: skip
+    with distributed.main_first():  # under torchrun one process downloads
+        split = load_split(
+            d.name, d.root or "data", True, d.download, d.bad_images, cache=d.cache,
+            cache_fallback=os.path.join(st.cfg.out_dir, CACHE_DIR), stream=d.stream,
+            max_memory_gb=d.max_memory_gb, workers=d.workers,
+        )  # fmt: skip
     if d.classes is not None:
         split = select_classes(split, list(d.classes))
     x = convert(split.x, d.image_size, d.channels)
@@ -149,30 +153,66 @@ def _load_data(st: Stage) -> Data:
     )  # fmt: skip
     mean, std = channel_stats(x)  # of the whole training split: the same for every subset
     indices = {"train": train_idx.tolist(), "val": val_idx.tolist()}
-    runtime.write_json(st.folder / "indices.json", indices)
+    unlabeled, transfer = None, {}
+    if s.get("transfer_set", "labeled") != "labeled":  # distill: unlabelled images join in
+        if isinstance(x, ImageFiles):
+            raise StageError(f"stage.transfer_set={s.transfer_set} needs the images in memory, "
+                             "but this image folder streams; set dataset.stream=false")  # fmt: skip
+        with distributed.main_first():
+            unlabeled, transfer = _unlabeled(st, x, indices)
     st.manifest["data"] = {
         "dataset": d.name, "num_classes": num_classes, "n_train": len(train_idx),
-        "n_val": len(val_idx), "indices_file": "indices.json",
-        "indices_sha256": ck.sha256(st.folder / "indices.json"),
+        "n_val": len(val_idx), **transfer, "indices_file": "indices.json",
+        "indices_sha256": st.write_json("indices.json", indices),
     }  # fmt: skip
     st.write_manifest()
     log.info("%s: %d training and %d validation images, %d classes, shape %s",
              d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
     loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
-    make_loader = StreamLoader if isinstance(x, ImageFiles) else BatchLoader  # streamed files
-    train = make_loader(
-        x[train_idx], split.y[train_idx], s.batch_size, shuffle=True,
-        drop_last=len(train_idx) > s.batch_size, crop_padding=d.crop_padding, flip=d.flip,
-        seed=st.cfg.seed, **loader,
+    augment = dict(shuffle=True, crop_padding=d.crop_padding, flip=d.flip, seed=st.cfg.seed)
+    streamed = isinstance(x, ImageFiles)  # an image folder too large for memory: files per batch
+    # Per-image augmentation views, seeded by the data rather than the student's seed, let a
+    # teacher cache serve every job of a sweep (distill only).
+    views = dict(aug_seed=d.subset_seed, aug_views=s.get("aug_views"))
+    per_image = (s.get("teacher_cache") or s.get("aug_views")) and not streamed
+    train = (StreamLoader if streamed else BatchLoader)(
+        x[train_idx], split.y[train_idx], s.batch_size, drop_last=len(train_idx) > s.batch_size,
+        **augment, **loader, **(views if per_image else {}),
     )  # fmt: skip
+    if unlabeled is not None:
+        size = s.batch_size * s.unlabeled_ratio
+        extra = BatchLoader(unlabeled, torch.full((len(unlabeled),), distillation.UNLABELLED), size,
+                            drop_last=len(unlabeled) > size, **augment, **loader,
+                            **views)  # fmt: skip
+        train = TransferLoader(train, extra)
     val = (
-        make_loader(x[val_idx], split.y[val_idx], s.eval_batch_size, **loader)
+        (StreamLoader if streamed else BatchLoader)(
+            x[val_idx], split.y[val_idx], s.eval_batch_size, **loader
+        )
         if len(val_idx)
         else None
     )
     info = {"dataset": OmegaConf.to_container(d), "class_names": split.class_names,
             "mean": mean, "std": std}  # fmt: skip
+    # Under torchrun each process trains and validates on its rows of every batch.
+    train, val = distributed.shard(train), distributed.shard(val, training=False)
     return Data(train, val, num_classes, tuple(x.shape[1:]), info)
+
+
+def _unlabeled(st: Stage, x: torch.Tensor, indices: dict) -> tuple[torch.Tensor | None, dict]:
+    """The transfer set's unlabelled images, recorded in ``indices`` and the manifest's data."""
+    seen = torch.tensor(indices["train"] + indices["val"], dtype=torch.int64)
+    images, used, source = distillation.unlabeled_images(
+        st.cfg, x, seen, st.manifest["parent"]["path"]
+    )
+    indices.update({f"unlabeled_{k}": v for k, v in used.items()})
+    transfer = {"transfer_set": st.cfg.stage.transfer_set, "source_dataset": source,
+                "unlabeled_ratio": st.cfg.stage.unlabeled_ratio,
+                **{f"n_unlabeled_{k}": len(v) for k, v in used.items()}}  # fmt: skip
+    if not len(images):
+        log.warning("the transfer set adds no unlabelled images: training on the labelled subset")
+        return None, transfer
+    return images, transfer
 
 
 def _channels_last(st: Stage) -> bool:
@@ -222,11 +262,13 @@ def _cross_entropy(cfg: DictConfig) -> Callable:
 
 
 def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbone: bool = False,
-           first_epoch: int = 1, best: dict | None = None) -> dict:  # fmt: skip
+           first_epoch: int = 1, best: dict | None = None,
+           extra: torch.nn.Module | None = None) -> dict:  # fmt: skip
     """Build optimizer and schedule from the config and run :func:`training.fit`.
 
     When the stage resumes, the phase that holds the resume point continues from it; a phase
-    that had finished before the stop is skipped.
+    that had finished before the stop is skipped. ``extra`` (distillation adapters) trains with
+    the model; its state is kept in ``last.pt``'s training state only, never in the model.
     """
     o, s = st.cfg.optimizer, st.cfg.stage
     resume = None
@@ -236,6 +278,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
         if done >= first_epoch + epochs - 1:  # this phase finished before the stop
             return {k: state[k] for k in ("best_epoch", "best_val_acc", "last_val_acc")}
         model.load_state_dict(st.resume["state_dict"])
+        if extra is not None and state.get("extra") is not None:
+            extra.load_state_dict(state["extra"])
         if done >= first_epoch or state["step"]:
             resume = state
         else:  # stopped exactly at the end of the previous phase: a fresh optimizer, as then
@@ -250,6 +294,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
     mult = s.get("backbone_lr_mult", 1.0)
     groups = [{"params": body, "lr": o.lr * mult}, {"params": head, "lr": o.lr}]
+    if extra is not None:
+        groups.append({"params": list(extra.parameters()), "lr": o.lr})
     optimizer = build_optimizer(
         groups, o.name, o.lr, o.weight_decay, o.get("momentum", 0.9), o.get("nesterov", False),
         tuple(o.get("betas", (0.9, 0.999))),
@@ -261,7 +307,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     d = st.cfg.device
     if _channels_last(st):
         model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if d.compile else model  # checkpoints save the plain module
+    runner = distributed.replicate(model, extra)  # DDP under torchrun, else the model itself
+    runner = torch.compile(runner) if d.compile else runner  # checkpoints save the plain module
     amp_on = runtime.amp_enabled(st.device, d.amp)  # device.amp=null: the device's default
     fp16 = st.device.type == "cuda" and amp_on and d.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -277,18 +324,20 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
             st.manifest["checkpoints"][name] = {**entry, "previous_sha256": previous}
             st.write_manifest()
 
-        extra = {"train_state": train_state} if train_state else {}
+        if train_state and extra is not None:
+            train_state = {**train_state, "extra": extra.state_dict()}
+        resumable = {"train_state": train_state} if train_state else {}
         ck.save_checkpoint(
             path, model, on_digest=record, stage=st.cfg.stage.name,
             tag=st.cfg.tag or st.cfg.stage.name, run=st.run_dir.name, epoch=epoch,
-            val_acc=val_acc, seed=st.cfg.seed, **data.info, **extra,
+            val_acc=val_acc, seed=st.cfg.seed, **data.info, **resumable,
         )  # fmt: skip
 
     return fit(
         runner, data.train, data.val, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
         frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
-        best=best, resume=resume, scaler=scaler,
+        best=best, resume=resume, scaler=scaler, on_epoch=st.tracker.log_epoch,
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distill_cli import distributed
 from distill_cli.console import StageProgress
 from distill_cli.runtime import StopRequest
 
@@ -98,6 +99,9 @@ def evaluate(
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         nll += F.cross_entropy(logits, y, reduction="sum").item()
         count += len(y)
+    if distributed.world() > 1:  # each process saw its share of the batches
+        sums = torch.tensor([correct1, correct5, nll, count], dtype=torch.float64)
+        correct1, correct5, nll, count = distributed.all_reduce_sum(sums).tolist()
     if count == 0:
         return {"top1": float("nan"), "top5": float("nan"), "nll": float("nan"), "n": 0}
     return {
@@ -121,6 +125,7 @@ class Tally:
     step: int = 0
     count: int = 0
     correct: int = 0
+    labeled: int = 0  # samples with a label (>= 0); unlabelled transfer images count in `count`
     seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)
 
@@ -151,6 +156,7 @@ def fit(
     best: dict | None = None,
     resume: dict | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
 
@@ -159,6 +165,10 @@ def fit(
     ``last.pt`` after every epoch carries the training state (optimizer, schedule, RNG, best so
     far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
     SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
+    ``on_epoch`` gets each epoch's metrics row once it is in ``metrics_file`` (a tracker).
+    Under torchrun (see :mod:`distributed`) the epoch's sums and the validation are reduced
+    over the processes, every process stops at the same step, and process 0 alone calls
+    ``save``, ``on_epoch`` and writes ``metrics_file``.
 
     Returns:
         Summary with ``best_epoch``, ``best_val_acc``, ``last_val_acc``, ``train_time_s`` and
@@ -170,6 +180,7 @@ def fit(
     state = {"best_epoch": best.get("best_epoch"), "best_val_acc": best.get("best_val_acc"),
              "last_val_acc": None, "seen": 0, "train_time": 0.0}  # fmt: skip
     start, tally = first_epoch, None
+    main = distributed.is_main()
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -179,6 +190,8 @@ def fit(
         state.update({k: resume[k] for k in state})
         start = resume["epoch"] if resume["step"] else resume["epoch"] + 1
         tally = Tally(**resume["tally"]) if resume["step"] else None
+        if tally is not None and not main:  # the saved sums are every process's: count them once
+            tally = Tally(tally.lr, tally.step, sums=dict.fromkeys(tally.sums, 0.0))
 
     def train_state(epoch: int, tally: Tally | None) -> dict:
         return {
@@ -189,20 +202,24 @@ def fit(
         }  # fmt: skip
 
     steps = len(train) * (end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
-    with StageProgress(steps, "training") as progress, StopRequest() as stop:
+    with StageProgress(steps, "training", main) as progress, StopRequest() as stop:
         for epoch in range(start, end):
             tally = tally or Tally(lr=optimizer.param_groups[-1]["lr"])
             try:
                 _train_epoch(model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone,
                              progress, epoch, total_epochs, tally, stop, scaler)  # fmt: skip
             except _Stopped:
-                save("last", epoch, state["last_val_acc"], train_state(epoch, tally))
+                tally = _reduced(tally)
+                if main:
+                    save("last", epoch, state["last_val_acc"], train_state(epoch, tally))
                 raise Interrupted(
                     f"stopped by {stop.signal} at epoch {epoch}, step {tally.step}"
                 ) from None
+            tally = _reduced(tally)
             row = _row(epoch, tally)
             state["seen"] += tally.count
             state["train_time"] += tally.seconds
+            distributed.average_buffers(model)
             if val is not None:
                 scores = evaluate(model, val, amp)
                 row.update(val_acc=scores["top1"], val_top5=scores["top5"], val_nll=scores["nll"])
@@ -214,15 +231,20 @@ def fit(
             )
             # The row first, then best, then last: last.pt marks what is done, and a resume drops
             # rows past its epoch, so a crash anywhere in between repeats the epoch identically.
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            if main:
+                with open(metrics_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                if on_epoch is not None:
+                    on_epoch(row)
             if improved:
                 state.update(best_epoch=epoch, best_val_acc=state["last_val_acc"])
-                save("best", epoch, state["last_val_acc"], None)
-            save("last", epoch, state["last_val_acc"], train_state(epoch, None))
+                if main:
+                    save("best", epoch, state["last_val_acc"], None)
+            if main:
+                save("last", epoch, state["last_val_acc"], train_state(epoch, None))
             log.info(_epoch_line(row))
             tally = None
-            if stop.signal:
+            if distributed.any_rank(stop.signal is not None):
                 raise Interrupted(f"stopped by {stop.signal} after epoch {epoch}")
     return {
         "best_epoch": state["best_epoch"],
@@ -264,9 +286,11 @@ def _train_epoch(
         with amp or contextlib.nullcontext():
             logits, parts = loss_fn(model, x, y)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if distributed.any_rank(not finite):  # every process stops here, before the backward
+            value = loss.item() if not finite else "not finite in another process"
             raise TrainingError(
-                f"the loss became {loss.item()} at epoch {epoch}, step {step}; the last good "
+                f"the loss became {value} at epoch {epoch}, step {step}; the last good "
                 "checkpoint is kept. Usual causes: a learning rate too high (lower optimizer.lr), "
                 "or float16 overflow (device.amp_dtype=bfloat16 or device.amp=false)"
             )
@@ -281,23 +305,38 @@ def _train_epoch(
         scheduler.step()
         for name, value in parts.items():
             tally.sums[name] = tally.sums.get(name, 0.0) + value.item() * len(y)
-        tally.correct += (logits.argmax(dim=1) == y).sum().item()
+        tally.correct += (logits.argmax(dim=1) == y).sum().item()  # -1 (no label) never matches
+        tally.labeled += (y >= 0).sum().item()
         tally.count += len(y)
         tally.step = step
         now = time.perf_counter()  # the time since the last step: batch preparation included
         tally.seconds += now - tick
         tick = now
         progress.update(epoch, epochs, tally.sums["loss"] / tally.count,
-                        100 * tally.correct / tally.count, tally.count / tally.seconds)  # fmt: skip
-        if stop.signal:
+                        100 * tally.correct / max(tally.labeled, 1),
+                        tally.count / tally.seconds)  # fmt: skip
+        if distributed.any_rank(stop.signal is not None):
             raise _Stopped
+
+
+def _reduced(tally: Tally) -> Tally:
+    """The tally summed over the processes (time: the slowest one's); itself in one process."""
+    if distributed.world() == 1:
+        return tally
+    counts = [tally.count, tally.correct, tally.labeled, *tally.sums.values()]
+    total = distributed.all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+    count, correct, labeled = (round(v) for v in total[:3])
+    sums = dict(zip(tally.sums, total[3:], strict=True))
+    seconds = distributed.all_reduce_max(tally.seconds)
+    return Tally(tally.lr, tally.step, count, correct, labeled, seconds, sums)
 
 
 def _row(epoch: int, tally: Tally) -> dict:
     """The metrics row of a finished epoch."""
     row = {"epoch": epoch, "lr": tally.lr, "epoch_time_s": round(tally.seconds, 3)}
     row.update({f"train_{k}": v / max(tally.count, 1) for k, v in tally.sums.items()})
-    row["train_acc"] = 100 * tally.correct / max(tally.count, 1)
+    row["train_acc"] = 100 * tally.correct / max(tally.labeled, 1)
+    row["images"] = tally.count  # trained on in this epoch, by all processes together
     row["images_per_sec"] = round(tally.count / tally.seconds, 1) if tally.seconds > 0 else None
     return row
 

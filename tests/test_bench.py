@@ -51,3 +51,17 @@ def test_data_cache_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     folder = json.loads(out.read_text())["load"]["imagefolder"]
     assert folder["images"] == 32 and folder["second_load_s"] > 0
+
+
+def test_distillation_cost_benchmark_smoke(tmp_path):
+    out = tmp_path / "distill.json"
+    bench = BENCH.parent / "distill_cost.py"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--fraction", "0.01", "--epochs", "2", "--views", "1",
+         "--student", "cnn", "--teacher", "resnet8", "--sweep", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["epoch_s"]["pretrain"] > 0 and report["overhead"]["live"] > 0
+    assert report["overhead"]["cached"] > 0 and report["sweep"]["cached_s"] > 0

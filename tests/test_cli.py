@@ -103,3 +103,18 @@ def test_pretrain_sweep_without_run_makes_one_run(tmp_path):
     runs = [p for p in (tmp_path / "outputs").iterdir() if not p.name.startswith(".")]
     assert len(runs) == 1
     assert sorted(p.name for p in (runs[0] / "pretrain").iterdir()) == ["seed=0", "seed=1"]
+
+
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
+    proc = subprocess.run(
+        [CLI, "pretrain", "-m", "run=r", "dataset=glyphs_target", "model=cnn", "stage.epochs=1",
+         "dataset.shots=5000,2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 job(s) of the sweep failed (the others finished): dataset.shots=5000" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    jobs = tmp_path / "outputs" / "r" / "pretrain"
+    assert (jobs / "dataset.shots=2" / "best.pt").is_file()
+    failed = json.loads((jobs / "dataset.shots=5000" / "manifest.json").read_text())
+    assert failed["status"] == "failed"

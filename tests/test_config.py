@@ -91,7 +91,7 @@ def test_probe_longer_than_training_is_refused(make_cfg):
     [
         (["model=resnet9000"], "unknown model 'resnet9000'; valid: cnn,"),
         (["dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
-        (["kd=fancy"], "unknown kd 'fancy'; valid: kd, logit_mse"),
+        (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, dist, dkd, fitnet, kd, logit_mse,"),
         (["model=cnn", "model.weights=imagenet"], "model.weights applies to resnet18, resnet50"),
         (["dataset.shotz=5"], "shotz"),
         (["stage.epochs=-3"], "stage.epochs=-3 is invalid"),

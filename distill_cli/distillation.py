@@ -1,0 +1,229 @@
+"""What the distill stage trains on and against: the transfer set and the objective.
+
+    distill-cli distill kd=fitnet kd.kd_weight=0.9 stage.transfer_set=target dataset=usps ...
+
+The transfer set adds unlabelled images to the labelled few-shot subset (their label is -1, so
+only the distillation terms read them). The objective combines the label cross-entropy, a logit
+term (the ``kd`` method, or Hinton KD beside a feature method) and a feature term whose
+adapters train with the student but never enter its checkpoint. Like ``stages``, this module
+reads the config; the losses below it take plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli import checkpoint as ck
+from distill_cli.data import convert, load_split, select_classes, unlabeled_indices
+from distill_cli.feature_kd import FEATURE_METHODS, FeatureDistiller, feature_shapes
+from distill_cli.losses import UNLABELLED, distill_loss
+from distill_cli.stagefolder import Stage, StageError
+from distill_cli.teacher_cache import TeacherCache, cache_key
+
+log = logging.getLogger("distill_cli")
+
+__all__ = [
+    "UNLABELLED", "Objective", "cache_location", "objective", "save_cache", "source_dataset",
+    "unlabeled_images",
+]  # fmt: skip
+
+
+def unlabeled_images(
+    cfg: DictConfig, x: torch.Tensor, exclude: torch.Tensor, teacher_path: str
+) -> tuple[torch.Tensor, dict[str, list[int]], str | None]:
+    """The unlabelled images ``stage.transfer_set`` adds to the labelled subset.
+
+    Args:
+        cfg: The stage's config (reads ``stage.transfer_set``, ``stage.unlabeled_limit``).
+        x: The target's training split, uint8 (N, C, H, W), already converted.
+        exclude: Indices of ``x`` that are labelled or held out for validation.
+        teacher_path: The teacher checkpoint, whose lineage names the source dataset.
+
+    Returns:
+        (images, {"target": indices, "source": indices}, source dataset name or None).
+    """
+    transfer, limit = cfg.stage.transfer_set, cfg.stage.unlabeled_limit
+    seed = cfg.dataset.subset_seed
+    parts, used, source_name = [], {}, None
+    if transfer in ("target", "source+target"):
+        idx = unlabeled_indices(len(x), exclude, limit, seed)
+        parts.append(x[idx])
+        used["target"] = idx.tolist()
+    if transfer in ("source", "source+target"):
+        source = source_dataset(teacher_path, cfg.dataset.name)
+        source_name = source["name"]
+        split = load_split(
+            source["name"], source.get("root") or "data", True, source.get("download", False),
+            source.get("bad_images", "error"),
+        )  # fmt: skip
+        if source.get("classes") is not None:
+            split = select_classes(split, list(source["classes"]))
+        idx = unlabeled_indices(len(split.x), torch.empty(0, dtype=torch.int64), limit, seed)
+        parts.append(convert(split.x[idx], x.shape[-1], x.shape[1]))
+        used["source"] = idx.tolist()
+    images = torch.cat(parts) if parts else x[:0]
+    log.info("transfer set %s: %d unlabelled images added (%s)", transfer, len(images),
+             ", ".join(f"{k} {len(v)}" for k, v in used.items()) or "none")  # fmt: skip
+    return images, used, source_name
+
+
+def source_dataset(teacher_path: str | Path, target: str) -> dict:
+    """The dataset config the teacher was pretrained on, found through its checkpoints' lineage.
+
+    Walks from the teacher checkpoint up its stage folders' ``manifest.json`` parents to the
+    first checkpoint trained on a dataset other than ``target``.
+    """
+    path, seen = Path(teacher_path), []
+    while True:
+        dataset = ck.load_checkpoint(path)["dataset"]
+        seen.append(dataset["name"])
+        if dataset["name"] != target:
+            return dataset
+        manifest = path.parent / "manifest.json"
+        parent = json.loads(manifest.read_text()).get("parent") if manifest.exists() else None
+        if not parent:
+            raise StageError(
+                f"stage.transfer_set needs the teacher's source dataset, but its lineage "
+                f"({' <- '.join(seen)}) has only {target}; use stage.transfer_set=labeled or "
+                "target, or a teacher pretrained on another dataset"
+            )
+        path = Path(parent["path"])
+
+
+class Objective(NamedTuple):
+    """What :func:`objective` builds for the distill stage."""
+
+    loss_fn: Callable  # (model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})
+    adapters: torch.nn.Module | None  # feature adapters: train with the student, never saved in it
+    cache: TeacherCache | None  # teacher outputs reused across epochs and jobs
+
+
+CACHE_BUDGET_BYTES = 2 * 1024**3  # a cache expected to grow past this is not kept
+
+
+def objective(
+    cfg: DictConfig,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    train,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    cache_at: tuple[Path, dict] | None = None,
+) -> Objective:
+    """The distillation loss function for :func:`training.fit`, its adapters and teacher cache.
+
+    Args:
+        cfg: The stage's config (reads the ``kd`` group).
+        teacher: The frozen teacher, in eval mode.
+        student: The student being trained.
+        train: The training loader; its ``epoch`` drives ``kd.warmup_epochs``, its
+            ``last_index`` gives CRD each image's memory-bank row and, with ``last_view``,
+            the teacher cache its entry.
+        shape: (channels, height, width) of the images.
+        device: Where the adapters live.
+        cache_at: (file, key parts) of the teacher cache from :func:`cache_location`; None runs
+            the teacher on every batch.
+    """
+    kd = OmegaConf.to_container(cfg.kd)
+    method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
+    feat_w, warmup = kd.pop("feat_weight", 0.0), kd.pop("warmup_epochs", 0)
+    distiller = None
+    if method in FEATURE_METHODS:
+        logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}
+        c, size, _ = shape
+        try:
+            distiller = FeatureDistiller(
+                method, feature_shapes(student, c, size), feature_shapes(teacher, c, size),
+                num_samples=train.num_samples, **kd,
+            ).to(device)  # fmt: skip
+        except ValueError as exc:  # a method that cannot apply to these models: one line
+            raise StageError(str(exc)) from None
+    else:
+        logit_method, logit_options = method, kd
+    names = list(distiller.teacher_layers) if distiller is not None else []
+
+    @torch.no_grad()
+    def teacher_outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not names:
+            return {"logits": teacher(x)}
+        logits, feats = teacher.forward_with_features(x)
+        return {"logits": logits, **{name: feats[name] for name in names}}
+
+    cache = _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device)
+
+    def loss_fn(model, x, y):
+        ramp = min(1.0, train.epoch / warmup) if warmup else 1.0
+        if cache is None:
+            out = teacher_outputs(x)
+        else:
+            out = cache(x, train.last_index, train.last_view)
+        if distiller is None:
+            logits = model(x)
+        else:
+            logits, student_feats = model.forward_with_features(x)
+        parts = distill_loss(logits, out["logits"], y, logit_method, ce_w, kd_w * ramp,
+                             **logit_options)  # fmt: skip
+        if distiller is not None:
+            parts["feat"] = distiller(student_feats, out, train.last_index)
+            parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
+        return logits, parts
+
+    return Objective(loss_fn, distiller, cache)
+
+
+def cache_location(st: Stage, info: dict) -> tuple[Path, dict]:
+    """Where the teacher cache of this stage lives and what its key hashes."""
+    cfg = st.cfg
+    parts = {
+        "teacher_sha256": st.manifest["parent"]["sha256"],
+        "indices_sha256": st.manifest["data"]["indices_sha256"],
+        "dataset": OmegaConf.to_container(cfg.dataset), "mean": info["mean"], "std": info["std"],
+        "aug_views": cfg.stage.aug_views, "device": st.device.type,
+        "amp": [cfg.device.amp, cfg.device.amp_dtype], "channels_last": cfg.device.channels_last,
+        "torch": torch.__version__,
+    }  # fmt: skip
+    return st.run_dir / ".teacher_cache", parts
+
+
+def _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device):
+    """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``."""
+    if cache_at is None:
+        return None
+    c, size, _ = shape
+    per_image = teacher.num_classes + sum(
+        math.prod(s) for n, s in feature_shapes(teacher, c, size).items() if n in names
+    )
+    batch = train.labeled.batch_size * (1 + cfg.stage.unlabeled_ratio) if hasattr(
+        train, "labeled") else train.batch_size  # fmt: skip
+    seen = cfg.stage.epochs * len(train) * batch
+    if cfg.stage.aug_views:
+        seen = min(seen, cfg.stage.aug_views * train.num_samples)
+    if 4 * per_image * seen > CACHE_BUDGET_BYTES:
+        log.info("teacher cache off: about %.1f GB would exceed its %.0f GB budget (features %s)",
+                 4 * per_image * seen / 1e9, CACHE_BUDGET_BYTES / 1e9, names)  # fmt: skip
+        return None
+    folder, parts = cache_at
+    key = cache_key({**parts, "outputs": ["logits", *names]})
+    return TeacherCache(teacher_outputs, train.num_samples, folder / f"{key}.pt", key, device)
+
+
+def save_cache(st: Stage, cache: TeacherCache) -> float | None:
+    """Write the cache for later jobs, record its statistics; returns the hit rate.
+
+    Under torchrun process 0 writes what it holds: the entries it loaded and those of its rows.
+    """
+    if st.main:
+        cache.save(ck.atomic_write)
+    st.manifest["teacher_cache"] = cache.stats()
+    st.write_manifest()
+    log.info("teacher cache: %d hits, %d misses, %d entries loaded from %s", cache.hits,
+             cache.misses, cache.loaded, cache.path)  # fmt: skip
+    return cache.stats()["hit_rate"]

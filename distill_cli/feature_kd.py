@@ -1,0 +1,368 @@
+"""Feature distillation: losses on intermediate features, e.g. ``distill-cli distill kd=crd``.
+
+The pure functions take feature tensors; :class:`FeatureDistiller` picks a method's features
+from ``DistillModel.forward_with_features`` and owns its trainable adapters and state::
+
+    shapes_s = feature_shapes(student, in_channels=3, image_size=32)
+    shapes_t = feature_shapes(teacher, in_channels=3, image_size=32)
+    distiller = FeatureDistiller("fitnet", shapes_s, shapes_t, num_samples=len(train_set))
+    logits, feats = student.forward_with_features(x)
+    with torch.no_grad():
+        _, teacher_feats = teacher.forward_with_features(x)
+    loss = distiller(feats, teacher_feats, index)  # index: dataset positions, CRD only
+
+The distiller is trained with the student (its parameters join the optimizer) and is never
+exported. Losses are computed in float32 with autocast off: Gram matrices and CRD's
+``exp(score / 0.07)`` overflow float16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FEATURE_METHODS: tuple[str, ...] = ("fitnet", "at", "sp", "rkd", "pkt", "crd")
+
+# method -> {option: default}; None means "chosen from the shapes"
+OPTIONS: dict[str, dict[str, object]] = {
+    "fitnet": {"student_layer": None, "teacher_layer": None},
+    "at": {"p": 2.0},
+    "sp": {},
+    "rkd": {"distance_weight": 25.0, "angle_weight": 50.0},
+    "pkt": {},
+    "crd": {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5},
+}
+_WITHOUT_MAPS = "use kd=sp, rkd, pkt, crd or a logit method (kd, logit_mse, dkd, dist)"
+
+
+def fitnet_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """FitNets (Romero et al., ICLR 2015): mean squared error, adapted student hint vs. teacher."""
+    return F.mse_loss(student_feat.float(), teacher_feat.float())
+
+
+def _attention(feat: Tensor, p: float) -> Tensor:
+    """Spatial attention map: mean over channels of ``|f|^p``, flattened and L2-normalised."""
+    return F.normalize(feat.float().abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def at_loss(student_feats: list[Tensor], teacher_feats: list[Tensor], p: float = 2.0) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), as in RepDistiller.
+
+    Sums, over the (student, teacher) pairs, the mean squared difference of their attention
+    maps. Where the spatial sizes differ, the larger feature is average-pooled
+    (``adaptive_avg_pool2d``) to the smaller size before its map is taken, as RepDistiller does.
+    ``|f|^p`` equals RepDistiller's ``f^p`` for even ``p``.
+    """
+    total = student_feats[0].new_zeros((), dtype=torch.float32)
+    for f_s, f_t in zip(student_feats, teacher_feats, strict=True):
+        size = (min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3]))
+        f_s, f_t = F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size)
+        total = total + (_attention(f_s, p) - _attention(f_t, p)).pow(2).mean()
+    return total
+
+
+def _similarity(feat: Tensor) -> Tensor:
+    flat = feat.float().flatten(1)
+    return F.normalize(flat @ flat.T, dim=1)
+
+
+def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): ``||G_s - G_t||_F^2 / B^2``.
+
+    G is the batch's Gram matrix of flattened features with L2-normalised rows.
+    """
+    batch = student_feat.shape[0]
+    return (_similarity(student_feat) - _similarity(teacher_feat)).pow(2).sum() / batch**2
+
+
+def _pairwise_distance(emb: Tensor) -> Tensor:
+    """Euclidean distances between rows, zero on the diagonal, divided by their mean off it."""
+    squared = emb.pow(2).sum(1)
+    dist = (squared[:, None] + squared[None, :] - 2 * emb @ emb.T).clamp(min=1e-12).sqrt()
+    dist = dist * (1 - torch.eye(len(emb), device=emb.device))
+    return dist / (dist.sum() / (dist > 0).sum())  # mean of the nonzero entries, without a sync
+
+
+def _angles(emb: Tensor) -> Tensor:
+    """Cosines of the angles e_i - e_j, e_k - e_j for every triplet, flattened."""
+    diff = F.normalize(emb[None, :, :] - emb[:, None, :], dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+def rkd_loss(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> Tensor:
+    """Relational KD (Park et al., CVPR 2019), as RepDistiller's RKDLoss.
+
+    Smooth-L1 between the student's and the teacher's mean-normalised pairwise distances, and
+    between their triplet angles. The teacher side carries no gradient.
+    """
+    student, teacher = student_emb.float().flatten(1), teacher_emb.float().flatten(1)
+    with torch.no_grad():
+        t_dist, t_angle = _pairwise_distance(teacher), _angles(teacher)
+    loss_d = F.smooth_l1_loss(_pairwise_distance(student), t_dist)
+    loss_a = F.smooth_l1_loss(_angles(student), t_angle)
+    return distance_weight * loss_d + angle_weight * loss_a
+
+
+def _cosine_kernel(emb: Tensor, eps: float) -> Tensor:
+    """Row-stochastic matrix of cosine similarities rescaled to [0, 1]."""
+    unit = torch.nan_to_num(emb / (emb.norm(dim=1, keepdim=True) + eps))
+    kernel = (unit @ unit.T + 1) / 2
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018), as RepDistiller's PKT.
+
+    KL between the teacher's and the student's conditional distributions of a cosine kernel,
+    averaged over all B x B entries.
+    """
+    p_s = _cosine_kernel(student_emb.float().flatten(1), eps)
+    p_t = _cosine_kernel(teacher_emb.float().flatten(1), eps)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+class _Embed(nn.Module):
+    """Linear projection onto the unit sphere: CRD's embedding head."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.linear(x.flatten(1)), dim=1)
+
+
+class CRD(nn.Module):
+    """Contrastive representation distillation (Tian et al., ICLR 2020), after RepDistiller.
+
+    Each sample's student embedding is contrasted with the teacher memory bank (its own row
+    positive, ``k`` uniform random rows negative) and the other way round; the NCE losses of
+    the two anchors are added. The banks hold a momentum average of each sample's embeddings.
+
+    Args:
+        student_dim: Size of the student feature.
+        teacher_dim: Size of the teacher feature.
+        num_samples: Training-set size: rows of each memory bank.
+        feat_dim: Embedding size.
+        nce_k: Negatives per positive, capped at ``num_samples - 1``.
+        nce_t: Temperature of the scores.
+        nce_m: Momentum of the memory update.
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        num_samples: int,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+    ):
+        super().__init__()
+        self.embed_student = _Embed(student_dim, feat_dim)
+        self.embed_teacher = _Embed(teacher_dim, feat_dim)
+        self.num_samples, self.k = num_samples, min(nce_k, num_samples - 1)
+        self.nce_t, self.nce_m = nce_t, nce_m
+        bound = 1 / math.sqrt(feat_dim / 3)  # ContrastMemory's initialisation
+        for name in ("memory_student", "memory_teacher"):
+            self.register_buffer(name, torch.rand(num_samples, feat_dim) * 2 * bound - bound)
+        # NCE normalisation constants; negative until the first batch estimates them
+        self.register_buffer("z_student", torch.tensor(-1.0))
+        self.register_buffer("z_teacher", torch.tensor(-1.0))
+
+    def _probs(self, anchor: Tensor, bank: Tensor, rows: Tensor, z: Tensor) -> Tensor:
+        """exp(<bank row, anchor> / T) / Z for the (B, k + 1) rows; sets Z on the first call."""
+        scores = torch.exp(torch.bmm(bank[rows], anchor[:, :, None]).squeeze(2) / self.nce_t)
+        # where() rather than `if z < 0`: no host-device sync; divide by a copy, not the buffer
+        z_now = torch.where(z < 0, scores.detach().mean() * self.num_samples, z)
+        z.copy_(z_now)
+        return scores / z_now
+
+    def _nce(self, probs: Tensor) -> Tensor:
+        """Eq. 18: -log h(positive) - sum log(1 - h(negative)), summed, over the batch size."""
+        noise = (probs.shape[1] - 1) / self.num_samples  # k * P_noise
+        eps = 1e-7
+        log_pos = torch.log(probs[:, 0] / (probs[:, 0] + noise + eps))
+        log_neg = torch.log(noise / (probs[:, 1:] + noise + eps))
+        return -(log_pos.sum() + log_neg.sum()) / probs.shape[0]
+
+    def forward(self, student_emb: Tensor, teacher_emb: Tensor, index: Tensor) -> Tensor:
+        """Returns the CRD loss and updates both memory banks at rows ``index`` (B,)."""
+        index = index.long()
+        with torch.autocast(student_emb.device.type, enabled=False):
+            s = self.embed_student(student_emb.float())
+            t = self.embed_teacher(teacher_emb.detach().float())
+            negatives = torch.randint(self.num_samples, (len(index), self.k), device=index.device)
+            rows = torch.cat([index[:, None], negatives], dim=1)
+            loss = self._nce(self._probs(s, self.memory_teacher, rows, self.z_student))
+            loss = loss + self._nce(self._probs(t, self.memory_student, rows, self.z_teacher))
+            with torch.no_grad():
+                for bank, emb in ((self.memory_student, s), (self.memory_teacher, t)):
+                    mixed = bank[index] * self.nce_m + emb * (1 - self.nce_m)
+                    bank.index_copy_(0, index, F.normalize(mixed, dim=1))
+        return loss
+
+
+def _spatial(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Names of the (C, H, W) stages, in forward order."""
+    return [name for name, shape in shapes.items() if len(shape) == 3]
+
+
+def _require_maps(method: str, student: list[str], teacher: list[str]) -> None:
+    lacking = [side for side, maps in (("student", student), ("teacher", teacher)) if not maps]
+    if lacking:
+        raise ValueError(
+            f"kd={method} needs convolutional feature maps but the {' and the '.join(lacking)} "
+            f"{'gives' if len(lacking) == 1 else 'give'} none; {_WITHOUT_MAPS}"
+        )
+
+
+def _hint_layer(side: str, shapes: dict[str, tuple[int, ...]], name: object) -> str:
+    """FitNet's layer on one side: the named stage, or the middle convolutional one."""
+    spatial = _spatial(shapes)
+    if name is None:
+        return spatial[len(spatial) // 2]
+    if name not in spatial:
+        raise ValueError(
+            f"kd=fitnet: {side}_layer '{name}' is not a convolutional stage of the {side}; "
+            f"choose one of: {', '.join(spatial)}"
+        )
+    return str(name)
+
+
+class FeatureDistiller(nn.Module):
+    """Adapters and state of one feature method; trained with the student, never exported.
+
+    Features used, by method (a *map* is a (C, H, W) stage; "pooled" is the (D,) vector that
+    the classifier reads):
+
+    - ``fitnet``: one hint stage per model, the middle map (index ``len(maps) // 2``) unless
+      options ``student_layer`` / ``teacher_layer`` name one. Adapter: 1x1 conv (student C to
+      teacher C, no bias) + BatchNorm2d. If the sizes differ, both maps are average-pooled to
+      the smaller height and the smaller width.
+    - ``at``: the last n maps of each model, paired in order, n = the smaller map count;
+      option ``p`` (2).
+    - ``sp``: the last map of each model, or "pooled" for a model without maps.
+    - ``rkd``, ``pkt``: "pooled". rkd options ``distance_weight`` (25), ``angle_weight`` (50).
+    - ``crd``: "pooled", through :class:`CRD`; ``forward`` needs ``index``. Options
+      ``feat_dim`` (128), ``nce_k`` (16384), ``nce_t`` (0.07), ``nce_m`` (0.5).
+
+    Teacher features are detached: no gradient reaches the teacher.
+
+    Args:
+        method: One of ``FEATURE_METHODS``.
+        student_shapes: Per-sample shapes of the student's ``forward_with_features`` outputs.
+        teacher_shapes: The same for the teacher.
+        num_samples: Training-set size (CRD's memory banks).
+        **options: The method's options, listed above.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        student_shapes: dict[str, tuple[int, ...]],
+        teacher_shapes: dict[str, tuple[int, ...]],
+        num_samples: int,
+        **options: object,
+    ):
+        super().__init__()
+        if method not in FEATURE_METHODS:
+            raise ValueError(
+                f"unknown feature kd method '{method}'; valid: {', '.join(FEATURE_METHODS)}"
+            )
+        for name in options:
+            if name not in OPTIONS[method]:
+                valid = ", ".join(OPTIONS[method]) or "none"
+                raise ValueError(f"unknown option '{name}' for kd={method}; valid: {valid}")
+        self.method = method
+        self.options = {**OPTIONS[method], **options}
+        s_maps, t_maps = _spatial(student_shapes), _spatial(teacher_shapes)
+        if method in ("fitnet", "at"):
+            _require_maps(method, s_maps, t_maps)
+        if method == "fitnet":
+            s_name = _hint_layer("student", student_shapes, self.options["student_layer"])
+            t_name = _hint_layer("teacher", teacher_shapes, self.options["teacher_layer"])
+            self.student_layers, self.teacher_layers = [s_name], [t_name]
+            s_channels, t_channels = student_shapes[s_name][0], teacher_shapes[t_name][0]
+            self.adapter = nn.Sequential(
+                nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels)
+            )
+        elif method == "at":
+            n = min(len(s_maps), len(t_maps))
+            self.student_layers, self.teacher_layers = s_maps[-n:], t_maps[-n:]
+        elif method == "sp":
+            self.student_layers = s_maps[-1:] or ["pooled"]
+            self.teacher_layers = t_maps[-1:] or ["pooled"]
+        else:
+            self.student_layers, self.teacher_layers = ["pooled"], ["pooled"]
+        if method == "crd":
+            opts = self.options
+            self.crd = CRD(
+                math.prod(student_shapes["pooled"]),
+                math.prod(teacher_shapes["pooled"]),
+                num_samples,
+                feat_dim=int(opts["feat_dim"]),
+                nce_k=int(opts["nce_k"]),
+                nce_t=float(opts["nce_t"]),
+                nce_m=float(opts["nce_m"]),
+            )
+
+    def forward(
+        self,
+        student_feats: dict[str, Tensor],
+        teacher_feats: dict[str, Tensor],
+        index: Tensor | None = None,
+    ) -> Tensor:
+        """Returns the method's unweighted loss; ``index`` (B,) holds dataset positions (CRD)."""
+        if self.method == "crd" and index is None:
+            raise ValueError("kd=crd needs each sample's index in the training set; got None")
+        device_type = student_feats[self.student_layers[0]].device.type
+        with torch.autocast(device_type, enabled=False):
+            s = [student_feats[name].float() for name in self.student_layers]
+            t = [teacher_feats[name].detach().float() for name in self.teacher_layers]
+            return self._loss(s, t, index)
+
+    def _loss(self, s: list[Tensor], t: list[Tensor], index: Tensor | None) -> Tensor:
+        opts = self.options
+        if self.method == "fitnet":
+            hint = self.adapter(s[0])
+            size = (min(hint.shape[2], t[0].shape[2]), min(hint.shape[3], t[0].shape[3]))
+            return fitnet_loss(F.adaptive_avg_pool2d(hint, size), F.adaptive_avg_pool2d(t[0], size))
+        if self.method == "at":
+            return at_loss(s, t, p=float(opts["p"]))
+        if self.method == "sp":
+            return sp_loss(s[0], t[0])
+        if self.method == "rkd":
+            return rkd_loss(s[0], t[0], float(opts["distance_weight"]), float(opts["angle_weight"]))
+        if self.method == "pkt":
+            return pkt_loss(s[0], t[0])
+        return self.crd(s[0], t[0], index)
+
+
+def feature_shapes(
+    model: nn.Module, in_channels: int, image_size: int
+) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of ``model.forward_with_features`` on a zero batch of two images.
+
+    Runs in eval mode without gradients, then restores every submodule's previous mode.
+    """
+    modes = {module: module.training for module in model.modules()}
+    param = next(model.parameters())
+    x = torch.zeros(2, in_channels, image_size, image_size, device=param.device, dtype=param.dtype)
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, feats = model.forward_with_features(x)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return {name: tuple(feat.shape[1:]) for name, feat in feats.items()}

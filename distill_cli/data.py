@@ -519,6 +519,11 @@ class TransferLoader:
         """Labelled plus unlabelled images: the range of ``last_index``."""
         return self.labeled.num_samples + self.unlabeled.num_samples
 
+    @property
+    def batch_size(self) -> int:
+        """Images per step, labelled and unlabelled together."""
+        return self.labeled.batch_size + self.unlabeled.batch_size
+
     def __len__(self) -> int:
         return len(self.labeled)
 

@@ -135,13 +135,14 @@ def objective(
     kd = OmegaConf.to_container(cfg.kd)
     method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
     feat_w, warmup = kd.pop("feat_weight", 0.0), kd.pop("warmup_epochs", 0)
-    distiller = None
+    distiller, teacher_shapes = None, {}
     if method in FEATURE_METHODS:
         logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}
         c, size, _ = shape
+        teacher_shapes = feature_shapes(teacher, c, size)
         try:
             distiller = FeatureDistiller(
-                method, feature_shapes(student, c, size), feature_shapes(teacher, c, size),
+                method, feature_shapes(student, c, size), teacher_shapes,
                 num_samples=train.num_samples, **kd,
             ).to(device)  # fmt: skip
         except ValueError as exc:  # a method that cannot apply to these models: one line
@@ -157,7 +158,8 @@ def objective(
         logits, feats = teacher.forward_with_features(x)
         return {"logits": logits, **{name: feats[name] for name in names}}
 
-    cache = _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device)
+    per_image = teacher.num_classes + sum(math.prod(teacher_shapes[n]) for n in names)
+    cache = _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device)
 
     def loss_fn(model, x, y):
         ramp = min(1.0, train.epoch / warmup) if warmup else 1.0
@@ -193,17 +195,14 @@ def cache_location(st: Stage, info: dict) -> tuple[Path, dict]:
     return st.run_dir / ".teacher_cache", parts
 
 
-def _cache(cfg, teacher, shape, names, train, teacher_outputs, cache_at, device):
-    """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``."""
+def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):
+    """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``.
+
+    ``per_image`` is the number of values cached per (view, image): logits and ``names``.
+    """
     if cache_at is None:
         return None
-    c, size, _ = shape
-    per_image = teacher.num_classes + sum(
-        math.prod(s) for n, s in feature_shapes(teacher, c, size).items() if n in names
-    )
-    batch = train.labeled.batch_size * (1 + cfg.stage.unlabeled_ratio) if hasattr(
-        train, "labeled") else train.batch_size  # fmt: skip
-    seen = cfg.stage.epochs * len(train) * batch
+    seen = cfg.stage.epochs * len(train) * train.batch_size
     if cfg.stage.aug_views:
         seen = min(seen, cfg.stage.aug_views * train.num_samples)
     if 4 * per_image * seen > CACHE_BUDGET_BYTES:

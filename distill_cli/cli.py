@@ -262,7 +262,9 @@ def _task(cfg: DictConfig) -> float | None:
 
     try:
         distributed.init(runtime.pick_device(cfg.device.name))
-        return run_stage(cfg, _job_subdir())
+        result = run_stage(cfg, _job_subdir())
+        distributed.shutdown(together=True)
+        return result
     except USER_ERRORS as exc:
         return _user_error(exc)
     except (Interrupted, KeyboardInterrupt) as exc:

@@ -48,10 +48,17 @@ def init(device: torch.device) -> None:
     _device = device
 
 
-def shutdown() -> None:
-    """Leave the process group (safe when none was joined)."""
+def shutdown(together: bool = False) -> None:
+    """Leave the process group (safe when none was joined).
+
+    Args:
+        together: Wait for every process first, as after a stage that ended well. Gloo aborts a
+            process that tears down its connections while a peer still uses them.
+    """
     global _device
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
     _device = None
 

@@ -251,12 +251,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # --- configurations and baselines ---------------------------------------------------------------
 
 
+def family(job: Job) -> tuple:
+    """The config group choices of ``job`` (``kd.name``, ``model.name``, ...).
+
+    Jobs of one family have the same config keys unless another version of distill-cli wrote
+    some of them; a method's own keys (``kd.alpha`` of dkd) belong to its family.
+    """
+    return tuple(sorted((k, v) for k, v in job.config.items() if _chooses(k)))
+
+
+def _chooses(key: str) -> bool:
+    """Whether ``key`` names a config group's choice: ``kd.name``, ``model.name``, ..."""
+    return key.count(".") == 1 and key.endswith(".name")
+
+
 def partial_keys(jobs: list[Job]) -> dict[str, list[str]]:
-    """Per tag, the config keys that only some of its jobs have (written by another version)."""
+    """Per tag, the config keys that only some jobs of one family have (another version's)."""
     out = {}
     for tag in dict.fromkeys(j.tag for j in jobs):
-        keys = [set(j.config) for j in jobs if j.tag == tag and j.config]
-        partial = sorted(set.union(*keys) - set.intersection(*keys)) if keys else []
+        families: dict[tuple, list[set[str]]] = {}
+        for j in jobs:
+            if j.tag == tag and j.config:
+                families.setdefault(family(j), []).append(set(j.config))
+        partial = sorted({k for keys in families.values()
+                          for k in set.union(*keys) - set.intersection(*keys)})  # fmt: skip
         if partial:
             out[tag] = partial
     return out
@@ -265,8 +283,11 @@ def partial_keys(jobs: list[Job]) -> dict[str, list[str]]:
 def group(jobs: list[Job]) -> list[Configuration]:
     """Jobs grouped by tag and setting, each named by the keys that differ within its tag.
 
-    Keys that only some jobs of a tag have are left out. Tags keep the order in which they first
-    ran; a tag's configurations are sorted by the differing values (numbers as numbers).
+    Keys that only some jobs of one family have (:func:`partial_keys`) are left out. A key that
+    only some families have (a method's own) counts where it is set: a configuration's name shows
+    it when the jobs that have it differ in it. Names put the group choices first. Tags keep the
+    order in which they first ran; a tag's configurations are sorted by the differing values
+    (numbers as numbers).
     """
     drop = set(REPLICATE_KEYS + BOOKKEEPING_KEYS)
     partial = partial_keys(jobs)
@@ -278,12 +299,12 @@ def group(jobs: list[Job]) -> list[Configuration]:
     configs = []
     for tag in dict.fromkeys(j.tag for j in jobs):
         members = [(json.loads(s), js) for (t, s), js in by_setting.items() if t == tag]
-        keys = sorted({k for s, _ in members for k in s})
-        differ = [k for k in keys if len({json.dumps(s.get(k)) for s, _ in members}) > 1]
+        keys = sorted({k for s, _ in members for k in s}, key=lambda k: (not _chooses(k), k))
+        differ = [k for k in keys if len({json.dumps(s[k]) for s, _ in members if k in s}) > 1]
         members.sort(key=lambda m: [_order(m[0].get(k)) for k in differ])
         for setting, js in members:
-            name = " ".join([tag, *(f"{k}={_show(setting.get(k))}" for k in differ)])
-            configs.append(Configuration(name, setting, js))
+            shown = [f"{k}={_show(setting[k])}" for k in differ if k in setting]
+            configs.append(Configuration(" ".join([tag, *shown]), setting, js))
     return configs
 
 

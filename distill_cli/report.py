@@ -355,7 +355,8 @@ def _notes(
     for keys in dict.fromkeys(tuple(k) for k in partial.values()):
         tags = [tag for tag, k in partial.items() if tuple(k) == keys]
         notes.append(
-            f"some config.yaml files (of another version) lack {', '.join(keys)}; "
+            f"some config.yaml files lack {', '.join(keys)} that others of the same methods and "
+            "models have (written by another version of distill-cli); "
             f"ignored when grouping {', '.join(tags)}"
         )
     for c in configs:

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill_cli.aggregate import Stat, collect_jobs, group, paired_gain, summarize
+from distill_cli.aggregate import (
+    Stat,
+    collect_jobs,
+    group,
+    paired_gain,
+    partial_keys,
+    summarize,
+)
 from distill_cli.config import REPORT_METRICS, ConfigError, check
 from distill_cli.report import METRICS, ReportError, report_run
 
@@ -36,6 +43,7 @@ def write_job(
     history=(),
     parent=None,
     trained_model=None,
+    kd=None,
 ) -> None:
     """A stage folder as the stages leave it: config.yaml, manifest.json, metrics.json(l)."""
     d = run_dir / folder
@@ -51,6 +59,8 @@ def write_job(
         "out_dir": "outputs",
         "overwrite": False,
     }
+    if kd is not None:
+        config["kd"] = kd
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     manifest = {
         "stage": stage,
@@ -179,6 +189,29 @@ def test_jobs_group_into_configurations_named_by_what_differs(run_dir):
     assert distill.stat("best_val_acc").std == pytest.approx(math.sqrt(7))  # 4 + 1 + 9 over 2
     fallback = configs[4].stat("last_val_acc")  # seed 2 has it from metrics.jsonl only
     assert fallback.mean == pytest.approx((40.0 + 41.0 + 39.5) / 3) and fallback.n == 3
+
+
+def test_a_methods_own_keys_separate_configurations_and_old_configs_still_join(tmp_path):
+    r = tmp_path / "outputs" / "m"
+    for s in (0, 1):
+        write_job(r, f"d/kd=kd,seed={s}", stage="distill", seed=s, best=60.0 + s,
+                  kd={"name": "kd", "temperature": 4.0, "ce_weight": 0.1})  # fmt: skip
+        for beta in (1.0, 8.0):  # dkd's own key, swept: two configurations, not one
+            dkd = {"name": "dkd", "temperature": 4.0, "beta": beta}
+            write_job(r, f"d/kd=dkd,kd.beta={beta},seed={s}", stage="distill", seed=s,
+                      best=70.0 + beta + s, kd=dkd)  # fmt: skip
+    # a kd job from an older version, without kd.ce_weight: same configuration as the others
+    write_job(r, "d/kd=kd,seed=2", stage="distill", seed=2, best=62.0,
+              kd={"name": "kd", "temperature": 4.0})  # fmt: skip
+    configs = group(collect_jobs(r))
+    assert [c.name for c in configs] == [
+        "d kd.name=dkd kd.beta=1.0",
+        "d kd.name=dkd kd.beta=8.0",
+        "d kd.name=kd",
+    ]
+    assert [len(c.jobs) for c in configs] == [2, 2, 3]
+    assert configs[1].stat("best_val_acc").mean == pytest.approx(78.5)
+    assert partial_keys(collect_jobs(r)) == {"d": ["kd.ce_weight"]}
 
 
 def test_report_files_hold_means_stds_gains_and_failures(make_cfg, run_dir):

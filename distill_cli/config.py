@@ -171,6 +171,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a list of fractions in (0, 1)",
     ),
     "optimizer.gamma": _num(0, 1, lo_open=True),
+    "optimizer.clip_grad_norm": _optional(_POSITIVE),
     "device.name": _one_of(DEVICES),
     "device.amp": _optional(_BOOL),
     "device.amp_dtype": _one_of(AMP_DTYPES),

@@ -338,6 +338,7 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
         epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
         frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
         best=best, resume=resume, scaler=scaler, on_epoch=st.tracker.log_epoch,
+        clip_grad_norm=o.get("clip_grad_norm"),
     )  # fmt: skip
 
 

@@ -157,6 +157,7 @@ def fit(
     resume: dict | None = None,
     scaler: torch.amp.GradScaler | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    clip_grad_norm: float | None = None,
 ) -> dict:
     """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
 
@@ -166,6 +167,7 @@ def fit(
     far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
     SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
     ``on_epoch`` gets each epoch's metrics row once it is in ``metrics_file`` (a tracker).
+    ``clip_grad_norm`` caps the L2 norm of all gradients at each step (see :func:`clip_gradients`).
     Under torchrun (see :mod:`distributed`) the epoch's sums and the validation are reduced
     over the processes, every process stops at the same step, and process 0 alone calls
     ``save``, ``on_epoch`` and writes ``metrics_file``.
@@ -207,7 +209,8 @@ def fit(
             tally = tally or Tally(lr=optimizer.param_groups[-1]["lr"])
             try:
                 _train_epoch(model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone,
-                             progress, epoch, total_epochs, tally, stop, scaler)  # fmt: skip
+                             progress, epoch, total_epochs, tally, stop, scaler,
+                             clip_grad_norm)  # fmt: skip
             except _Stopped:
                 tally = _reduced(tally)
                 if main:
@@ -269,9 +272,19 @@ def set_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Scales all trained gradients down to a joint L2 norm of at most ``max_norm``.
+
+    Returns the norm before clipping, logged per epoch as ``train_grad_norm``.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+
+
 def _train_epoch(
     model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone, progress, epoch, epochs,
     tally: Tally, stop: StopRequest, scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
 ) -> None:  # fmt: skip
     """One pass over the training batches, accumulating into ``tally``."""
     set_train_mode(model, frozen_backbone)
@@ -297,10 +310,15 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # float16: scale the loss so small gradients do not vanish
             scaler.scale(loss).backward()
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
+                parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if clip_grad_norm is not None:
+                parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
             optimizer.step()
         scheduler.step()
         for name, value in parts.items():

@@ -68,6 +68,7 @@ def test_every_yaml_key_has_a_rule(make_cfg):
         ("dataset.channels=2", "dataset.channels"),
         ("device.amp=maybe", "device.amp"),
         ("kd.temperature=-2", "kd.temperature"),
+        ("optimizer.clip_grad_norm=0", "optimizer.clip_grad_norm"),
         ("seed=1.5", "seed"),
         ("run=../escape", "run"),
     ],

@@ -12,6 +12,7 @@ from distill_cli.training import (
     TrainingError,
     build_optimizer,
     build_scheduler,
+    clip_gradients,
     evaluate,
     fit,
     lr_factor,
@@ -119,3 +120,43 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
             save=lambda *a: None,
             metrics_file=tmp_path / "m.jsonl",
         )
+
+
+def test_clip_gradients_scales_the_joint_norm_by_hand():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    frozen = torch.nn.Parameter(torch.zeros(1))  # no gradient: left out
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])  # joint norm 5
+    opt = build_optimizer([{"params": [a]}, {"params": [b, frozen]}], "sgd", 0.1)
+    assert clip_gradients(opt, 1.0).item() == pytest.approx(5.0)
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((0.6, 0.8))  # 3/5, 4/5
+    assert clip_gradients(opt, 10.0).item() == pytest.approx(1.0)  # under the cap: unchanged
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((0.6, 0.8))
+
+
+def test_fit_with_clipping_caps_every_step_and_logs_the_norm(tmp_path):
+    torch.manual_seed(0)
+    train, _ = _tiny_loaders()
+    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.05)
+    norms = []
+
+    def seen(*_) -> None:  # the gradients each optimizer step gets
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    opt.register_step_pre_hook(seen)
+    fit(
+        model,
+        train,
+        None,
+        loss_fn=_ce,
+        optimizer=opt,
+        scheduler=build_scheduler(opt, len(train) * 2, "constant", 0, [], 0.1),
+        epochs=2,
+        save=lambda *a: None,
+        metrics_file=tmp_path / "m.jsonl",
+        clip_grad_norm=1e-3,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert len(norms) == 2 * len(train) and max(norms) <= 1e-3 * (1 + 1e-5)
+    assert all(r["train_grad_norm"] > 1e-3 for r in rows)  # the norms before clipping

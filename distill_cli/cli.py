@@ -36,6 +36,7 @@ from distill_cli.config import (
 EXIT_USAGE = 2
 _FAILED_ENV = "DISTILL_CLI_FAILED_JOBS"  # a multirun's jobs append their failures to this file
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+_OWNER_ENV = "DISTILL_CLI_SWEEP_PID"  # the process that runs a multirun (its launcher's parent)
 _SWEEP_ENV = "DISTILL_CLI_SWEEP_KEYS"  # tells multirun jobs (also in launcher processes) their keys
 # Flags after which Hydra reads a value; their values are not overrides.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -225,6 +226,40 @@ def _job_subdir() -> str | None:
     return name.replace("/", "_") or f"job{hc.job.num}"
 
 
+_watching = False  # a launcher's worker process watches its sweep's owner once, for all its jobs
+_job_ended = None  # threading.Event: set while no job runs in this worker
+
+
+def _stop_with_the_sweep() -> None:
+    """In a launcher's worker process, stop the job and the worker once the sweep's owner is gone.
+
+    A killed multirun would otherwise leave its joblib workers training on. The worker sends
+    itself SIGTERM: the job saves ``last.pt`` and ends as interrupted, resumable like any other;
+    then the worker process exits.
+    """
+    global _watching, _job_ended
+    owner = int(os.environ.get(_OWNER_ENV, "0"))
+    if _watching or owner in (0, os.getpid()) or os.getppid() != owner:
+        return
+    import signal
+    import threading
+
+    ended = _job_ended = threading.Event()
+
+    def watch() -> None:
+        while os.getppid() == owner:
+            time.sleep(1.0)
+        if not ended.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            ended.wait()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=watch, name="sweep-owner", daemon=True).start()
+    _watching = True
+
+
 def _launched() -> bool:
     """Whether torchrun started this process as one of several (read without importing torch)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -255,6 +290,9 @@ def _task(cfg: DictConfig) -> float | None:
             return report_run(cfg, _job_subdir())
         except ReportError as exc:
             return _user_error(exc)
+    _stop_with_the_sweep()
+    if _job_ended is not None:
+        _job_ended.clear()
     from distill_cli import distributed, runtime
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
@@ -277,6 +315,8 @@ def _task(cfg: DictConfig) -> float | None:
         sys.exit(EXIT_INTERRUPTED)
     finally:
         distributed.shutdown()
+        if _job_ended is not None:
+            _job_ended.set()
 
 
 def _user_error(exc: Exception) -> float:
@@ -341,6 +381,7 @@ def main() -> None:
                 print_error("sweeps (-m) do not run under torchrun: start one torchrun per job")
             sys.exit(EXIT_USAGE)
         os.environ[_SWEEP_ENV] = ";".join(_sweep_keys(overrides))
+        os.environ[_OWNER_ENV] = str(os.getpid())
         stage = next((o[6:] for o in overrides if o.startswith("stage=")), "pretrain")
         if stage == "pretrain" and not any(o.startswith("run=") for o in overrides):
             overrides.append(f"run={time.strftime(RUN_NAME_FORMAT)}")  # one new run for all jobs

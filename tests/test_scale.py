@@ -113,6 +113,38 @@ def test_local_launcher_runs_a_multirun_in_worker_processes(tmp_path):
         assert json.loads((job / "manifest.json").read_text())["status"] == "completed"
 
 
+def test_killing_a_local_sweep_stops_its_workers_resumably(tmp_path):
+    proc = subprocess.Popen(
+        [CLI, "pretrain", "-m", "hydra/launcher=local", "run=r", *TINY, "stage.epochs=2000",
+         "seed=0,1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    jobs = [tmp_path / "outputs" / "r" / "pretrain" / f"seed={s}" for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all((j / "last.pt").is_file() for j in jobs):  # both workers are training
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    proc.kill()  # SIGKILL: the sweep's process cannot pass anything on to its workers
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pids and not any(_alive(p) for p in pids)
+    for job in jobs:
+        manifest = json.loads((job / "manifest.json").read_text())
+        assert manifest["status"] == "interrupted", manifest["status"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    return status != "Z"  # a zombie has exited
+
+
 def test_slurm_launcher_config_builds_an_sbatch_script(tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit")
     from hydra.core.hydra_config import HydraConfig

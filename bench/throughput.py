@@ -3,11 +3,17 @@
     make bench                                     # 10,000 CIFAR-shaped images, cnn and resnet8x4
     .venv/bin/python bench/throughput.py --images 512 --epochs 1 --models cnn   # a smoke run
     .venv/bin/python bench/throughput.py --models cnn --streamed   # also dataset.stream=true
+    .venv/bin/python bench/throughput.py --compile   # also device.compile=true
 
 The reference is the seed's recipe: torchvision ``ImageFolder`` + ``DataLoader`` with PIL
 ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` and SGD, on
 the same images, model and batch size. Both sides report images/s over whole training epochs
 (median over epochs); distill-cli's number is the ``images_per_sec`` of its ``metrics.jsonl``.
+The compiled run's first epoch, which includes compilation, is left out of its median.
+
+The ceiling: the bare training step (forward, backward, SGD) of the same model on one batch
+already in memory, in distill-cli's layout (channels-last, fp32), without any data path. No
+data path can make training faster than this step.
 
 Each side runs in a process of its own, so each reports its own peak resident memory: the
 reference's main process (VmHWM, read by itself at the end), the largest process of its tree
@@ -115,9 +121,9 @@ def reference_run(root: Path, model_name: str, epochs: int, batch: int, workers:
 
 
 def distill_cli(root: Path, out: Path, model_name: str, epochs: int, batch: int,
-                extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
+                variant: str = "", extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Images/s per epoch of ``distill-cli pretrain`` on the same images, and its peak memory."""
-    tag = f"bench_{model_name}" + ("_streamed" if extra else "")
+    tag = f"bench_{model_name}{variant}"
     cmd = [CLI, "pretrain", f"out_dir={out}", "run=bench", f"tag={tag}", "overwrite=true",
            "dataset=imagefolder", f"dataset.root={root}", "dataset.val_fraction=0",
            "dataset.crop_padding=4", "dataset.flip=true", f"model={model_name}",
@@ -125,6 +131,31 @@ def distill_cli(root: Path, out: Path, model_name: str, epochs: int, batch: int,
     _, peak = measured(cmd)
     rows = (out / "bench" / tag / "metrics.jsonl").read_text().splitlines()
     return {"rates": [json.loads(r)["images_per_sec"] for r in rows], "peak_rss_mib": peak}
+
+
+def bare_step(model_name: str, batch: int, rounds: int = 5, steps: int = 3) -> list[float]:
+    """Images/s of the training step alone on one in-memory batch, per round of ``steps``."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, 3, 32).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)  # fmt: skip
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # untimed: oneDNN picks its kernels
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return rates
 
 
 def startup(runs: int = 5) -> float:
@@ -146,6 +177,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="cnn,resnet8x4")
     parser.add_argument("--streamed", action="store_true", help="also stream the files")
+    parser.add_argument("--compile", action="store_true", help="also device.compile=true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
@@ -160,11 +192,15 @@ def main() -> None:
         for name in args.models.split(","):
             ref = reference_run(root, name, args.epochs, args.batch, args.workers)
             ours = distill_cli(root, out, name, args.epochs, args.batch)
+            ceiling = bare_step(name, args.batch)
             ref_rate, our_rate = statistics.median(ref["rates"]), statistics.median(ours["rates"])
             results[name] = {
                 "reference_images_per_sec": round(ref_rate, 1),
                 "distill_cli_images_per_sec": round(our_rate, 1),
                 "speedup": round(our_rate / ref_rate, 2),
+                "bare_step_images_per_sec": round(statistics.median(ceiling), 1),
+                "bare_step_over_reference": round(statistics.median(ceiling) / ref_rate, 2),
+                "bare_step_rounds": [round(r, 1) for r in ceiling],
                 "reference_epochs": [round(r, 1) for r in ref["rates"]],
                 "distill_cli_epochs": [round(r, 1) for r in ours["rates"]],
                 "peak_rss_mib": {
@@ -175,11 +211,21 @@ def main() -> None:
             }
             if args.streamed:
                 extra = ("dataset.stream=true", f"dataset.workers={args.workers}")
-                streamed = distill_cli(root, out, name, args.epochs, args.batch, extra)
+                streamed = distill_cli(root, out, name, args.epochs, args.batch, "_streamed", extra)
                 results[name]["streamed"] = {
                     "images_per_sec": round(statistics.median(streamed["rates"]), 1),
                     "epochs": [round(r, 1) for r in streamed["rates"]],
                     "peak_rss_mib": round(streamed["peak_rss_mib"]),
+                }
+            if args.compile:
+                compiled = distill_cli(root, out, name, args.epochs + 1, args.batch, "_compiled",
+                                       ("device.compile=true",))  # fmt: skip
+                rate = statistics.median(compiled["rates"][1:])
+                results[name]["compiled"] = {
+                    "images_per_sec": round(rate, 1),
+                    "speedup": round(rate / ref_rate, 2),
+                    "epochs": [round(r, 1) for r in compiled["rates"]],
+                    "peak_rss_mib": round(compiled["peak_rss_mib"]),
                 }
     report = {
         "machine": {

@@ -23,6 +23,7 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert cnn["reference_images_per_sec"] > 0 and cnn["distill_cli_images_per_sec"] > 0
     assert report["startup_help_s"] > 0 and cnn["peak_rss_mib"]["distill_cli"] > 0
     assert cnn["peak_rss_mib"]["reference_main_process"] > 0
+    assert cnn["bare_step_images_per_sec"] > 0 and len(cnn["bare_step_rounds"]) == 5
 
 
 def test_cpu_formats_benchmark_smoke(tmp_path):

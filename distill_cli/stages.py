@@ -168,6 +168,10 @@ def _load_data(st: Stage) -> Data:
     st.write_manifest()
     log.info("%s: %d training and %d validation images, %d classes, shape %s",
              d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
+    if d.shots is not None and len(val_idx) > len(train_idx):
+        log.warning("the validation split holds %d labelled images, more than the %d trained on; "
+                    "a few-shot user may have fewer (dataset.val_per_class=N holds out N per "
+                    "class)", len(val_idx), len(train_idx))  # fmt: skip
     loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
     augment = dict(shuffle=True, crop_padding=d.crop_padding, flip=d.flip, seed=st.cfg.seed)
     streamed = isinstance(x, ImageFiles)  # an image folder too large for memory: files per batch

@@ -168,3 +168,13 @@ def test_compiled_training_saves_the_plain_module(make_cfg, monkeypatch):
     assert calls == ["SmallCNN"]
     assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"])
     ck.model_from_checkpoint(ckpt)
+
+
+def test_a_validation_split_larger_than_the_shots_is_said(make_cfg):
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=v", *TGT, "stage.epochs=1")  # 30 shots
+    log = (ck.Path(cfg.out_dir) / "v" / "pretrain" / "stage.log").read_text()
+    assert "WARNING the validation split holds 200 labelled images, more than the 30" in log
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=w", *TGT, "stage.epochs=1",
+                  "dataset.val_per_class=2")  # fmt: skip
+    log = (ck.Path(cfg.out_dir) / "w" / "pretrain" / "stage.log").read_text()
+    assert "validation split holds" not in log and "30 training and 20 validation" in log

@@ -356,7 +356,57 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
 # Loader.
 
 
-class BatchLoader:
+class Batching:
+    """What every loader here shares: batch count, epoch, shuffle order and normalisation.
+
+    :class:`BatchLoader` and ``streaming.StreamLoader`` call :meth:`_setup` with their common
+    arguments, so that both draw the same order and normalise alike for the same seed and epoch.
+    """
+
+    def _setup(
+        self, n_images: int, n_labels: int, batch_size: int, mean: list[float], std: list[float],
+        shuffle: bool, drop_last: bool, crop_padding: int, flip: bool, seed: int,
+        device: str | torch.device, channels_last: bool,
+    ) -> None:  # fmt: skip
+        if n_images != n_labels:
+            raise DataError(f"{n_images} images but {n_labels} labels")
+        self.device = torch.device(device)
+        self.n_images, self.batch_size = n_images, batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.crop_padding, self.flip = crop_padding, flip
+        self.seed, self.epoch = seed, 0
+        self.channels_last = channels_last
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add per pixel.
+        self._scale = 1 / (255 * std_t)
+        self._shift = mean_t / std_t
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n_images // self.batch_size
+        return math.ceil(self.n_images / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose shuffle order and augmentation the next iteration uses."""
+        self.epoch = epoch
+
+    def _epoch_order(self) -> tuple[torch.Generator, torch.Tensor]:
+        """The epoch's generator (its augmentation draws follow) and its image order, on the CPU."""
+        # Hashes of int tuples do not depend on PYTHONHASHSEED, so this is stable across runs.
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
+        n = self.n_images
+        return gen, torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch on the device as normalised floats, in the configured memory format."""
+        images = images.float() * self._scale - self._shift
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+class BatchLoader(Batching):
     """Yields normalised, augmented float batches from uint8 images kept on the device.
 
     Augmentation (random crop after zero padding, horizontal flip) runs on the whole batch at
@@ -382,40 +432,20 @@ class BatchLoader:
         aug_seed: int | None = None,
         aug_views: int | None = None,
     ) -> None:
-        if len(x) != len(y):
-            raise DataError(f"{len(x)} images but {len(y)} labels")
-        self.device = torch.device(device)
+        self._setup(len(x), len(y), batch_size, mean, std, shuffle, drop_last, crop_padding, flip,
+                    seed, device, channels_last)  # fmt: skip
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
-        self.batch_size = batch_size
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.crop_padding, self.flip = crop_padding, flip
-        self.seed, self.epoch = seed, 0
-        self.channels_last = channels_last
         self.last_index = torch.empty(0, dtype=torch.int64)  # rows of x in the latest batch
         # Per-image augmentation (a teacher cache needs it): image i in view v is augmented by
         # parameters drawn from (aug_seed, v) alone, whatever the batch order.
         self.aug_seed, self.aug_views = aug_seed, aug_views
         self.last_view = torch.empty(0, dtype=torch.int64)  # view of each image of the batch
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add per pixel.
-        self._scale = 1 / (255 * std_t)
-        self._shift = mean_t / std_t
 
     @property
     def num_samples(self) -> int:
         """Images in the loader: the range of ``last_index``."""
         return len(self.x)
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.x) // self.batch_size
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose shuffle order and augmentation the next iteration uses."""
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches()
@@ -424,10 +454,7 @@ class BatchLoader:
         """The epoch's batches from number ``start`` on (per-image augmentation only)."""
         if start and self.aug_seed is None and (self.crop_padding or self.flip):
             raise ValueError("starting inside an epoch needs per-image augmentation (aug_seed)")
-        # Hashes of int tuples do not depend on PYTHONHASHSEED, so this is stable across runs.
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
-        n = len(self.x)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        gen, order = self._epoch_order()
         order = order.to(self.device)
         view = self.view(self.epoch)
         table = self._view_table(view) if self.aug_seed is not None else None
@@ -438,9 +465,7 @@ class BatchLoader:
             else:
                 images = self._augment_view(self.x[idx], *(t[..., idx] for t in table))
             self.last_view = torch.full_like(idx, view)
-            images = images.float() * self._scale - self._shift
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = self._normalised(images)
             self.last_index = idx  # per-sample state of a loss (CRD's memory bank) reads it
             yield images, self.y[idx]
 

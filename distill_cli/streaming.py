@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill_cli.data import DataError, convert, crop_at
+from distill_cli.data import Batching, DataError, convert, crop_at
 from distill_cli.datasets import UnreadableImage, decode_image, list_imagefolder
 
 log = logging.getLogger("distill_cli")
@@ -194,7 +194,7 @@ def _decoder(files: ImageFiles, plans: _Plans, padding: int, pin: bool = False,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
-class StreamLoader:
+class StreamLoader(Batching):
     """``BatchLoader``'s batches for images that stay on disk, decoded by worker processes.
 
     Takes BatchLoader's arguments with ``x`` an :class:`ImageFiles`. The shuffle order, crop
@@ -218,36 +218,15 @@ class StreamLoader:
         device: str | torch.device = "cpu",
         channels_last: bool = False,
     ) -> None:
-        if len(x) != len(y):
-            raise DataError(f"{len(x)} images but {len(y)} labels")
-        self.device = torch.device(device)
+        self._setup(len(x), len(y), batch_size, mean, std, shuffle, drop_last, crop_padding, flip,
+                    seed, device, channels_last)  # fmt: skip
         self.x, self.y = x, y.to(torch.int64).cpu()
-        self.batch_size = batch_size
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.crop_padding, self.flip = crop_padding, flip
-        self.seed, self.epoch = seed, 0
-        self.channels_last = channels_last
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1 / (255 * std_t)  # as BatchLoader: (x / 255 - mean) / std
-        self._shift = mean_t / std_t
         # The workers start on the first pass and stay for the next ones.
         self._plans = _Plans()
         self._batches = _decoder(x, self._plans, crop_padding, self.device.type == "cuda", True)
 
-    def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.x) // self.batch_size
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose shuffle order and augmentation the next iteration uses."""
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
-        n = len(self.x)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        gen, order = self._epoch_order()
         plans = [self._plan(order[i * self.batch_size : (i + 1) * self.batch_size], gen)
                  for i in range(len(self))]  # fmt: skip
         self._plans.plans = plans
@@ -256,9 +235,7 @@ class StreamLoader:
             labels = self.y[idx]
             if errors:
                 images, labels = images[ok], labels[ok]
-            images = images.to(self.device, non_blocking=True).float() * self._scale - self._shift
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = self._normalised(images.to(self.device, non_blocking=True))
             yield images, labels.to(self.device, non_blocking=True)
 
     def _plan(self, idx: torch.Tensor, gen: torch.Generator) -> Plan:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import emit, settings
 
 from distill_cli.models import build_model
 
@@ -156,14 +157,11 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "default_threads": default_threads,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "settings": vars(args) | {"out": str(args.out) if args.out else None},
+        "settings": settings(args),
         "throughput": speed,
         "accuracy": acc,
     }  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

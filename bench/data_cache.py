@@ -14,7 +14,6 @@ timing, as in a stage.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torchvision  # noqa: F401  imported before timing, as every stage does
+from common import emit, settings
 from throughput import write_images
 
 from distill_cli.data import load_split
@@ -74,12 +74,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_images(Path(tmp), args.images)
         results["imagefolder"] = measure("imagefolder", tmp, args.reps)
-    report = {"settings": vars(args) | {"out": str(args.out) if args.out else None},
+    report = {"settings": settings(args),
               "torch_threads": torch.get_num_threads(), "load": results}  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

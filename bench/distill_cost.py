@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import emit
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
 
@@ -88,9 +89,7 @@ def main() -> None:
         "sweep": {"jobs": a.sweep, "live_s": round(sweep_live, 1),
                   "cached_s": round(sweep_cached, 1)},  # fmt: skip
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

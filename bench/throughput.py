@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import emit, settings
 
 from distill_cli.data import channel_stats, convert
 from distill_cli.glyphs import make_glyphs
@@ -235,14 +236,11 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },  # fmt: skip
-        "settings": vars(args) | {"out": str(args.out) if args.out else None},
+        "settings": settings(args),
         "throughput": results,
         "startup_help_s": round(startup(), 3),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
 from distill_cli import console, metrics, plots, runtime
-from distill_cli.data import BatchLoader, DataError, convert, load_split, select_classes
-from distill_cli.datacache import CACHE_DIR
+from distill_cli.data import BatchLoader, DataError, convert
 from distill_cli.stagefolder import Stage, StageError, running
 from distill_cli.streaming import ImageFiles, StreamLoader
 
@@ -136,14 +134,7 @@ def _test_loader(st: Stage, ckpt: dict, d: dict, cache: dict) -> tuple[BatchLoad
     key = json.dumps([d, ckpt["mean"], ckpt["std"], m["in_channels"], m["image_size"]],
                      sort_keys=True, default=str)  # fmt: skip
     if key not in cache:
-        split = load_split(
-            d["name"], d.get("root") or "data", False, d.get("download", True),
-            d.get("bad_images", "error"), cache=d.get("cache", True),
-            cache_fallback=os.path.join(st.cfg.out_dir, CACHE_DIR), stream=d.get("stream", False),
-            max_memory_gb=d.get("max_memory_gb"), workers=d.get("workers", 2),
-        )  # fmt: skip
-        if d.get("classes") is not None:
-            split = select_classes(split, list(d["classes"]))
+        split = st.load_dataset(d, train=False)
         x = convert(split.x, m["image_size"], m["in_channels"])
         make_loader = StreamLoader if isinstance(x, ImageFiles) else BatchLoader
         loader = make_loader(x, split.y, st.cfg.stage.eval_batch_size, mean=ckpt["mean"],

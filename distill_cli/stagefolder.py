@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from distill_cli import checkpoint as ck
 from distill_cli import console, distributed, runtime
 from distill_cli.config import ConfigError
-from distill_cli.data import DataError
+from distill_cli.data import DataError, Split, load_split, select_classes
+from distill_cli.datacache import CACHE_DIR
 from distill_cli.trackers import Tracker, TrackerError, open_tracker
 from distill_cli.training import Interrupted, TrainingError
 
@@ -63,6 +65,23 @@ class Stage:
     def amp(self):
         """The autocast context configured for this device."""
         return runtime.autocast(self.device, self.cfg.device.amp, self.cfg.device.amp_dtype)
+
+    def load_dataset(self, d: Mapping[str, Any], train: bool) -> Split:
+        """The train or test split a dataset config names, its ``classes`` selected.
+
+        ``d`` is ``cfg.dataset``, or a checkpoint's copy of it (older ones lack newer keys).
+        Decoded splits are cached beside the data, else under ``out_dir``.
+        """
+        split = load_split(
+            d["name"], d.get("root") or "data", train, d.get("download", True),
+            d.get("bad_images", "error"), cache=d.get("cache", True),
+            cache_fallback=os.path.join(self.cfg.out_dir, CACHE_DIR),
+            stream=d.get("stream", False), max_memory_gb=d.get("max_memory_gb"),
+            workers=d.get("workers", 2),
+        )  # fmt: skip
+        if d.get("classes") is not None:
+            split = select_classes(split, list(d["classes"]))
+        return split
 
     def write_manifest(self) -> None:
         """Persist the manifest (called after every change worth keeping)."""

@@ -13,7 +13,6 @@ stage.log, indices.json and manifest.json.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,11 +27,8 @@ from distill_cli.data import (
     TransferLoader,
     channel_stats,
     convert,
-    load_split,
-    select_classes,
     split_indices,
 )
-from distill_cli.datacache import CACHE_DIR
 from distill_cli.evaluation import evaluate_run, export_run
 from distill_cli.models import build_model, count_params
 from distill_cli.stagefolder import Stage, StageError, finish, running
@@ -138,13 +134,7 @@ def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
     d, s = st.cfg.dataset, st.cfg.stage
     with distributed.main_first():  # under torchrun one process downloads
-        split = load_split(
-            d.name, d.root or "data", True, d.download, d.bad_images, cache=d.cache,
-            cache_fallback=os.path.join(st.cfg.out_dir, CACHE_DIR), stream=d.stream,
-            max_memory_gb=d.max_memory_gb, workers=d.workers,
-        )  # fmt: skip
-    if d.classes is not None:
-        split = select_classes(split, list(d.classes))
+        split = st.load_dataset(d, train=True)
     x = convert(split.x, d.image_size, d.channels)
     num_classes = len(split.class_names)
     train_idx, val_idx = split_indices(

@@ -52,6 +52,7 @@ class Data:
     num_classes: int
     shape: tuple[int, int, int]  # channels, height, width
     info: dict  # dataset config, class names and normalisation, saved in checkpoints
+    streamed: bool = False  # an image folder left on disk, decoded per batch
 
 
 def run_stage(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
@@ -104,13 +105,12 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
             )
         student = _build(cfg, data).to(st.device)
-        streamed = not hasattr(data.train, "last_view")  # files decoded per batch
-        if streamed and cfg.kd.name == "crd":
+        if data.streamed and cfg.kd.name == "crd":
             raise StageError(
                 "kd=crd needs the images in memory (its memory bank is indexed by "
                 "image), but this image folder streams; set dataset.stream=false"
             )
-        use_cache = cfg.stage.teacher_cache and not streamed
+        use_cache = cfg.stage.teacher_cache and not data.streamed
         cache_at = distillation.cache_location(st, data.info) if use_cache else None
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
@@ -190,7 +190,7 @@ def _load_data(st: Stage) -> Data:
             "mean": mean, "std": std}  # fmt: skip
     # Under torchrun each process trains and validates on its rows of every batch.
     train, val = distributed.shard(train), distributed.shard(val, training=False)
-    return Data(train, val, num_classes, tuple(x.shape[1:]), info)
+    return Data(train, val, num_classes, tuple(x.shape[1:]), info, streamed)
 
 
 def _unlabeled(st: Stage, x: torch.Tensor, indices: dict) -> tuple[torch.Tensor | None, dict]:

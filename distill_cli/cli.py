@@ -226,8 +226,7 @@ def _job_subdir() -> str | None:
     return name.replace("/", "_") or f"job{hc.job.num}"
 
 
-_watching = False  # a launcher's worker process watches its sweep's owner once, for all its jobs
-_job_ended = None  # threading.Event: set while no job runs in this worker
+_job_ended = None  # threading.Event of a launcher's worker process: set while no job runs in it
 
 
 def _stop_with_the_sweep() -> None:
@@ -235,29 +234,31 @@ def _stop_with_the_sweep() -> None:
 
     A killed multirun would otherwise leave its joblib workers training on. The worker sends
     itself SIGTERM: the job saves ``last.pt`` and ends as interrupted, resumable like any other;
-    then the worker process exits.
+    then the worker process exits. The watch starts with the worker's first job and serves all
+    of them; each job marks itself running here and ended in :func:`_task`.
     """
-    global _watching, _job_ended
-    owner = int(os.environ.get(_OWNER_ENV, "0"))
-    if _watching or owner in (0, os.getpid()) or os.getppid() != owner:
-        return
-    import signal
-    import threading
+    global _job_ended
+    if _job_ended is None:
+        owner = int(os.environ.get(_OWNER_ENV, "0"))
+        if owner in (0, os.getpid()) or os.getppid() != owner:
+            return
+        import signal
+        import threading
 
-    ended = _job_ended = threading.Event()
+        ended = _job_ended = threading.Event()
 
-    def watch() -> None:
-        while os.getppid() == owner:
-            time.sleep(1.0)
-        if not ended.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-            ended.wait()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        def watch() -> None:
+            while os.getppid() == owner:
+                time.sleep(1.0)
+            if not ended.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                ended.wait()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
 
-    threading.Thread(target=watch, name="sweep-owner", daemon=True).start()
-    _watching = True
+        threading.Thread(target=watch, name="sweep-owner", daemon=True).start()
+    _job_ended.clear()
 
 
 def _launched() -> bool:
@@ -291,8 +292,6 @@ def _task(cfg: DictConfig) -> float | None:
         except ReportError as exc:
             return _user_error(exc)
     _stop_with_the_sweep()
-    if _job_ended is not None:
-        _job_ended.clear()
     from distill_cli import distributed, runtime
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
@@ -306,8 +305,6 @@ def _task(cfg: DictConfig) -> float | None:
     except USER_ERRORS as exc:
         return _user_error(exc)
     except (Interrupted, KeyboardInterrupt) as exc:
-        from distill_cli.console import print_error
-
         where = f"{exc}; " if str(exc) else ""
         if distributed.is_main():
             print_error(f"interrupted: {where}run the same command with stage.resume=true to "

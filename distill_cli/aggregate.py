@@ -82,6 +82,7 @@ class Job:
     finished: bool = False
     note: str | None = None
     started: str = "~"  # the manifest's ISO 8601 start time: sorts in time order
+    labels: str = "?"  # labelled images per class, training + validation: "10+10"
 
     @property
     def replicate(self) -> tuple:
@@ -112,6 +113,11 @@ class Configuration:
     def finished(self) -> list[Job]:
         """The jobs that completed and wrote metrics.json."""
         return [j for j in self.jobs if j.finished]
+
+    @property
+    def labels(self) -> str:
+        """The labelled budgets of its finished jobs ("10+10"), joined where they differ."""
+        return ", ".join(dict.fromkeys(j.labels for j in self.finished or self.jobs))
 
     @property
     def first(self) -> Job:
@@ -182,6 +188,7 @@ def read_job(folder: Path, run_dir: Path, evaluated: dict, prefix: str = "") -> 
         started=str(manifest.get("started") or "~"),
     )
     job.values = {k: (final or {}).get(k) for k in FROM_TRAINING}
+    job.labels = budget_text((final or {}) or (manifest.get("data") or {}))
     if job.values["last_val_acc"] is None and history:
         job.values["last_val_acc"] = history[-1].get("val_acc")
     entry = evaluated.get(rel)
@@ -198,6 +205,13 @@ def read_job(folder: Path, run_dir: Path, evaluated: dict, prefix: str = "") -> 
         done = history[-1].get("epoch", len(history)) if history else 0
         job.epochs = f"{done}/{config.get('stage.epochs', '?')}"
     return job
+
+
+def budget_text(record: dict) -> str:
+    """The labelled images per class a job trained on (K) and selected with (V): "K+V"."""
+    if record.get("train_per_class") is None:
+        return "?"  # written before budgets were recorded
+    return f"{record['train_per_class']}+{record['val_per_class']}"
 
 
 def _current(entry: dict, manifest: dict) -> bool:
@@ -311,8 +325,9 @@ def group(jobs: list[Job]) -> list[Configuration]:
 def choose_baselines(configs: list[Configuration]) -> None:
     """Give each distilled student and finetuned model its scratch baseline, in place.
 
-    A candidate is a pretrain configuration with the same model and the same images that shares
-    at least one finished replicate; among several, the best mean validation accuracy wins.
+    A candidate is a pretrain configuration with the same model, the same images and the same
+    labelled budget (training + validation) that shares at least one finished replicate; among
+    several, the best mean validation accuracy wins.
     """
     for c in configs:
         if c.first.stage not in COMPARED_STAGES:
@@ -324,11 +339,17 @@ def choose_baselines(configs: list[Configuration]) -> None:
             if b.first.stage == "pretrain"
             and b.first.model == c.first.model
             and _same(b.first.data, c.first.data)
+            and _same_budget(b.labels, c.labels)
             and mine & set(b.by_replicate(SELECT_BY))
         ]
         if candidates:
             c.baseline = max(candidates, key=lambda b: _or(b.stat(SELECT_BY).mean, float("-inf")))
             c.candidates = len(candidates)
+
+
+def _same_budget(a: str, b: str) -> bool:
+    """Equal labelled budgets, or one unknown (a job of a version that did not record it)."""
+    return a == b or "?" in (a, b)
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -65,14 +65,19 @@ def atomic_write(path: Path, write: Any, before_rename: Any = None) -> None:
         raise
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, on_digest: Any = None, **info: Any) -> str:
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None,
+    on_digest: Any = None, **info: Any,
+) -> str:  # fmt: skip
     """Save the unwrapped model's weights, its build arguments and plain ``info``; return sha256.
 
+    ``weights`` (a copy of the model's state taken earlier) replace the model's current ones.
     ``on_digest(sha256)`` runs before the new file replaces the old one, so a manifest can
     record the new hash while the old file is still in place.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = weights if weights is not None else model.state_dict()
+    state = {k: v.detach().cpu() for k, v in state.items()}
     payload = {"format": FORMAT, "model": dict(model.config), "state_dict": state, **info}
     digest: list[str] = []
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill_cli.config import (
     RULES,
@@ -31,6 +31,7 @@ from distill_cli.config import (
     TORCHVISION_MODELS,
     ConfigError,
     check,
+    conf_dir,
 )
 
 EXIT_USAGE = 2
@@ -56,15 +57,6 @@ _PLUGINS = {
     ("hydra/launcher", "submitit_slurm"): "hydra_submitit_launcher",
 }
 SEARCH_STAGES = ("pretrain", "finetune", "distill")  # the stages that return a validation accuracy
-
-
-def conf_dir() -> str:
-    """The ``conf/`` folder: inside the installed package, or at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"distill-cli's conf/ folder is missing next to {here}")
 
 
 def _split(args: list[str]) -> tuple[list[str], list[str]]:
@@ -189,11 +181,12 @@ def _check_search(cfg: DictConfig, sweeper: str) -> None:
             f"hydra/sweeper={sweeper} searches a training stage ({', '.join(SEARCH_STAGES)}); "
             f"{cfg.stage.name} returns no validation accuracy"
         )
-    d = cfg.dataset
-    if d.val_per_class == 0 or (d.val_per_class is None and d.val_fraction == 0):
+    d = OmegaConf.to_container(cfg.dataset)  # ??? keys (dataset=upstream) come back as "???"
+    held_out = d["val_per_class"] if d["val_per_class"] is not None else d["shots"]
+    if held_out == 0 or (held_out is None and d["val_fraction"] == 0):
         raise ConfigError(
-            f"hydra/sweeper={sweeper} maximises validation accuracy: keep dataset.val_fraction > 0 "
-            "(or dataset.val_per_class > 0)"
+            f"hydra/sweeper={sweeper} maximises validation accuracy: keep "
+            "dataset.val_per_class > 0 (or, without dataset.shots, dataset.val_fraction > 0)"
         )
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -105,6 +106,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.label_smoothing": _num(0, 1, hi_open=True),
     "stage.from": _optional(_STR),
     "stage.resume": _BOOL,
+    "stage.val_every": _int(1),
+    "stage.save_every_s": _NONNEG,
     "stage.mode": _one_of(FINETUNE_MODES),
     "stage.probe_epochs": _int(0),
     "stage.backbone_lr_mult": _NONNEG,
@@ -217,6 +220,8 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             if prefix == "" and key == "hydra":
                 continue
             path = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key) and path.startswith("dataset."):
+                continue  # dataset=upstream: taken from the parent checkpoint when the stage runs
             if OmegaConf.is_missing(node, key):
                 raise ConfigError(f"{path} is required (it is ??? in the config); set {path}=VALUE")
             yield from _leaves(node[key], path + ".")
@@ -246,7 +251,12 @@ def check(cfg: DictConfig) -> None:
             f"logger={logger} needs the {_LOGGER_PACKAGES[logger]} package: "
             "pip install 'distill-cli[track]'"
         )
-    if cfg.dataset.shots is not None and cfg.dataset.fraction is not None:
+    if cfg.stage.name == "pretrain" and inherits_dataset(cfg):
+        raise ConfigError(
+            "pretrain trains from scratch and has no parent checkpoint to take its data from: "
+            f"set dataset=NAME; valid: {', '.join(DATASETS)}"
+        )
+    if _given(cfg.dataset, "shots") is not None and _given(cfg.dataset, "fraction") is not None:
         raise ConfigError("set only one of dataset.shots and dataset.fraction")
     if cfg.stage.name == "finetune" and cfg.stage.mode == "linear_then_full":
         if cfg.stage.probe_epochs > cfg.stage.epochs:
@@ -254,3 +264,44 @@ def check(cfg: DictConfig) -> None:
                 f"stage.probe_epochs={cfg.stage.probe_epochs} exceeds stage.epochs="
                 f"{cfg.stage.epochs}: the probe is part of the epochs"
             )
+
+
+def _given(node: DictConfig, key: str) -> Any:
+    """The value of ``key``, or None where it is ??? (to be inherited)."""
+    return None if OmegaConf.is_missing(node, key) else node[key]
+
+
+# --- the dataset a stage inherits ---------------------------------------------------------------
+
+UPSTREAM_DATASET = "upstream"  # the dataset choice whose ??? keys come from the parent checkpoint
+
+
+def conf_dir() -> str:
+    """The ``conf/`` folder: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"distill-cli's conf/ folder is missing next to {here}")
+
+
+def inherits_dataset(cfg: DictConfig) -> bool:
+    """Whether ``cfg.dataset`` is ``dataset=upstream``: some keys wait for the parent's values."""
+    return any(OmegaConf.is_missing(cfg.dataset, k) for k in cfg.dataset)
+
+
+def inherit_dataset(requested: DictConfig, upstream: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """A dataset config: ``requested``'s ??? keys filled from ``upstream``, the others kept.
+
+    ``upstream`` is a parent checkpoint's dataset config; a key it lacks (written by an older
+    version) takes ``conf/dataset/_base.yaml``'s default.
+
+    Returns:
+        (the dataset config, the keys ``requested`` set itself: the command line's).
+    """
+    missing = {str(k) for k in requested if OmegaConf.is_missing(requested, k)}
+    base = OmegaConf.load(Path(conf_dir()) / "dataset" / "_base.yaml")
+    given = OmegaConf.to_container(requested, resolve=True)
+    own = [str(k) for k in given if k not in missing]
+    merged = {k: upstream.get(k, base.get(k)) if k in missing else v for k, v in given.items()}
+    return merged, own

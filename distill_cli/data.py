@@ -41,6 +41,7 @@ __all__ = [
     "TransferLoader",
     "channel_stats",
     "convert",
+    "labels_per_class",
     "load_split",
     "select_classes",
     "split_indices",
@@ -253,17 +254,23 @@ def split_indices(
     fraction: float | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Carves a class-stratified validation set, then a training subset from the rest.
+    """Draws a class-stratified training subset and a disjoint validation set.
 
-    Each class is shuffled once with a generator seeded by ``seed``; validation samples come
-    first, training samples next. So the validation set does not depend on shots/fraction, and
-    a K-shot training set contains every smaller-shot set of the same seed.
+    Each class is shuffled once with a generator seeded by ``seed``; training samples are taken
+    from the front of that order, validation samples from its end. So a K-shot training set
+    contains every smaller-shot set of the same seed, and a validation set of a given size does
+    not depend on shots or fraction.
+
+    The few-shot protocol: with ``shots=K`` and no ``val_per_class``, validation holds K images
+    per class, so selection never uses more labels than training (``val_per_class=0`` holds out
+    none; the caller then keeps the last epoch). ``val_fraction`` applies without ``shots``.
 
     Args:
         y: Labels, int64, shape (N,).
         num_classes: Number of classes; labels outside 0..num_classes-1 are ignored.
-        val_fraction: Fraction of each class held out, in [0, 1).
-        val_per_class: Exact number held out per class; overrides val_fraction.
+        val_fraction: Fraction of each class held out when neither ``val_per_class`` nor
+            ``shots`` is set, in [0, 1).
+        val_per_class: Exact number held out per class; overrides both defaults.
         shots: Training samples per class (class-balanced subset).
         fraction: Fraction of each class's remainder used for training, in (0, 1].
         seed: Seed of the shuffle.
@@ -272,13 +279,15 @@ def split_indices(
         (train_idx, val_idx): sorted, disjoint int64 indices into y.
     """
     _check_split_options(val_fraction, val_per_class, shots, fraction)
+    if val_per_class is None and shots is not None:
+        val_per_class = shots
     gen = torch.Generator().manual_seed(seed)
     per_class = [_shuffled_class(y, c, gen) for c in range(num_classes)]
     vals, rests = [], []
     for members in per_class:
         n_val = _val_count(len(members), val_fraction, val_per_class)
-        vals.append(members[:n_val])
-        rests.append(members[n_val:])
+        vals.append(members[len(members) - n_val :])
+        rests.append(members[: len(members) - n_val])
     if shots is not None:
         _check_shots(shots, rests)
         trains = [rest[:shots] for rest in rests]
@@ -287,6 +296,12 @@ def split_indices(
     else:
         trains = rests
     return _sorted_cat(trains), _sorted_cat(vals)
+
+
+def labels_per_class(n_images: int, num_classes: int) -> int | float:
+    """Labelled images per class of a subset: whole for a balanced one, else the mean to 0.1."""
+    per_class = n_images / max(1, num_classes)
+    return int(per_class) if per_class == int(per_class) else round(per_class, 1)
 
 
 def _check_split_options(
@@ -325,7 +340,7 @@ def _check_shots(shots: int, rests: list[torch.Tensor]) -> None:
         cls = [len(rest) for rest in rests].index(smallest)
         raise DataError(
             f"dataset.shots={shots} is more than the {smallest} samples class {cls} has left "
-            "after the validation split; lower dataset.shots or dataset.val_fraction"
+            "after the validation split; lower dataset.shots or dataset.val_per_class"
         )
 
 

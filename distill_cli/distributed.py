@@ -252,6 +252,12 @@ def replicate(model: nn.Module, extra: nn.Module | None = None) -> nn.Module:
     return _Replicated(_Trainee(model, extra), device_ids=ids, forward_sync_buffers=False)
 
 
+def unwrap(runner: nn.Module) -> nn.Module:
+    """The plain model inside what :func:`replicate` (and torch.compile) returned."""
+    runner = getattr(runner, "_orig_mod", runner)
+    return runner.module.model if isinstance(runner, _Replicated) else runner
+
+
 def average_buffers(runner: nn.Module) -> None:
     """Average the student's float buffers (BatchNorm statistics) across processes.
 
@@ -260,8 +266,7 @@ def average_buffers(runner: nn.Module) -> None:
     """
     if world() == 1:
         return
-    replica = getattr(runner, "_orig_mod", runner)  # torch.compile wraps the replica
-    for buffer in replica.module.model.buffers():
+    for buffer in unwrap(runner).buffers():
         if buffer.is_floating_point():
             dist.all_reduce(buffer)
             buffer.div_(world())

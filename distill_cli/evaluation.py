@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill_cli import checkpoint as ck
 from distill_cli import console, metrics, plots, runtime
+from distill_cli.config import inherit_dataset
 from distill_cli.data import BatchLoader, DataError, convert
 from distill_cli.stagefolder import Stage, StageError, running
 from distill_cli.streaming import ImageFiles, StreamLoader
@@ -29,9 +30,9 @@ log = logging.getLogger("distill_cli")
 
 QUALITY_COLUMNS = [
     ("tag", "tag", ""), ("model", "model", ""), ("dataset", "dataset", ""),
-    ("val_acc", "val", ".1f"), ("top1", "top1", ".1f"), ("top5", "top5", ".1f"),
-    ("nll", "nll", ".3f"), ("ece", "ece", ".1f"), ("agreement", "agree", ".1f"),
-    ("kept", "kept", ".1f"), ("best_epoch", "epoch", "d"),
+    ("labels", "labels", ""), ("val_acc", "val", ".1f"), ("top1", "top1", ".1f"),
+    ("top5", "top5", ".1f"), ("nll", "nll", ".3f"), ("ece", "ece", ".1f"),
+    ("agreement", "agree", ".1f"), ("kept", "kept", ".1f"), ("best_epoch", "epoch", "d"),
 ]  # fmt: skip
 COST_COLUMNS = [
     ("tag", "tag", ""), ("params", "params", ","), ("size_mb", "MiB", ".2f"),
@@ -100,12 +101,21 @@ def _evaluate(st: Stage, path: Path, cache: dict) -> dict[str, Any]:
         **quality, **cost, "model": ckpt["model"]["name"], "dataset": own["name"],
         "stage": ckpt["stage"], "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
         "checkpoint": str(path), "sha256": ck.sha256(path), "parent": _parent(path),
+        **_budget(ckpt),
     }  # fmt: skip
     if s.datasets:
         result["by_dataset"] = {name: _cross_domain(st, model, ckpt, name, cache)
                                 for name in s.datasets}  # fmt: skip
     log.info("%s: top-1 %.2f%% on %s", _tag_of(path, st.run_dir), quality["top1"], own["name"])
     return result
+
+
+def _budget(ckpt: dict) -> dict[str, Any]:
+    """The labelled images per class a checkpoint trained and selected with: "10+10" in tables."""
+    budget = ckpt.get("budget")
+    if not budget:  # written before budgets were recorded
+        return {"labels": "?"}
+    return {**budget, "labels": f"{budget['train_per_class']}+{budget['val_per_class']}"}
 
 
 def _parent(path: Path) -> str | None:
@@ -145,7 +155,7 @@ def _test_loader(st: Stage, ckpt: dict, d: dict, cache: dict) -> tuple[BatchLoad
 
 def _cross_domain(st: Stage, model, ckpt: dict, name: str, cache: dict) -> dict[str, Any]:
     """Quality on another dataset, where its classes match the model's (by name or a mapping)."""
-    d = OmegaConf.to_container(st.cfg.dataset)
+    d, _ = inherit_dataset(st.cfg.dataset, ckpt["dataset"])  # e.g. dataset.root set for eval
     d.update(name=name, classes=None, image_size=None, channels=None)
     if name == ckpt["dataset"]["name"]:
         d = ckpt["dataset"]

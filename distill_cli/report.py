@@ -119,6 +119,7 @@ def configuration_table(configs: list[Configuration], metrics: list[str]) -> Tab
         ("configuration", "configuration"),
         ("model", "model"),
         ("dataset", "dataset"),
+        ("labels", "labels/class"),
         ("n", "n"),
         ("seeds", "seeds"),
     ]
@@ -133,6 +134,7 @@ def configuration_table(configs: list[Configuration], metrics: list[str]) -> Tab
             "model": c.first.model or "-",
             "n": str(n),
             "dataset": str(c.first.config.get("dataset.name", "-")),
+            "labels": c.labels,
             "seeds": seeds(c),
             "failed": str(len(c.jobs) - n),
         }
@@ -236,7 +238,9 @@ def render_markdown(
         "Each cell is the mean ± sample standard deviation (ddof=1) over the n finished jobs of "
         "a configuration (the value alone when n=1; `(n=k)` where only k jobs have the metric). "
         "A configuration is a tag with its resolved config, less `seed`, `dataset.subset_seed` "
-        "and bookkeeping keys. val@best and val@last: validation accuracy at the best and at the "
+        "and bookkeeping keys. labels/class: labelled images per class trained on + held out "
+        "for validation (`K+0`: nothing held out, best.pt is the last epoch). "
+        "val@best and val@last: validation accuracy at the best and at the "
         "last epoch. top1, top5, nll, ece: on the test split, of best.pt (the epoch chosen on "
         "validation), from eval/metrics.json.",
         "",
@@ -251,10 +255,10 @@ def render_markdown(
             "## Paired gains over training from scratch",
             "",
             "Each distilled student (and finetuned model) against the `pretrain` configuration "
-            "of the same model on the same images, replicate by replicate (same `seed` and "
-            "`dataset.subset_seed`): gain = its metric − the scratch metric, mean ± std over the "
-            "pairs. Where several scratch configurations qualify, the baseline is the one with "
-            "the best mean val@best (validation, never test).",
+            "of the same model on the same images and labelled budget, replicate by replicate "
+            "(same `seed` and `dataset.subset_seed`): gain = its metric − the scratch metric, "
+            "mean ± std over the pairs. Where several scratch configurations qualify, the "
+            "baseline is the one with the best mean val@best (validation, never test).",
             "",
             *_markdown(gains),
             "",
@@ -297,6 +301,7 @@ def render_csv(configs: list[Configuration]) -> str:
             "stage": c.first.stage,
             "model": c.first.model,
             "dataset": c.first.config.get("dataset.name"),
+            "labels": c.labels,
             "n": len(c.finished),
             "failed": len(c.jobs) - len(c.finished),
             "seeds": seeds(c),

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
 from distill_cli import console, distributed, runtime
-from distill_cli.config import ConfigError
+from distill_cli.config import ConfigError, inherit_dataset, inherits_dataset
 from distill_cli.data import DataError, Split, load_split, select_classes
 from distill_cli.datacache import CACHE_DIR
 from distill_cli.trackers import Tracker, TrackerError, open_tracker
@@ -34,7 +34,8 @@ from distill_cli.training import Interrupted, TrainingError
 
 log = logging.getLogger("distill_cli")
 # Keys a resumed run may change: they change neither the data nor the training (logger.* too).
-_NOT_COMPARED = {"stage.resume", "overwrite", "dataset.cache", "dataset.workers"}
+_NOT_COMPARED = {"stage.resume", "stage.save_every_s", "overwrite", "dataset.cache",
+                 "dataset.workers"}  # fmt: skip
 _TRACKED = ("pretrain", "finetune", "distill")  # the stages whose epochs a tracker records
 
 
@@ -123,7 +124,8 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
     except BaseException:
         distributed.share(None)  # the others stop too
         raise
-    distributed.share((st.run_dir, st.folder, st.resume is not None))
+    dataset = OmegaConf.to_container(cfg.dataset)
+    distributed.share((st.run_dir, st.folder, st.resume is not None, dataset))
     return st
 
 
@@ -132,6 +134,7 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
     run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
     run_dir = Path(cfg.out_dir) / run
     folder = run_dir / (cfg.tag or name) / (job_subdir or "")
+    data_origin = _resolve_dataset(cfg, run_dir)  # before the claim: a resume compares configs
     resume, replaced = _claim(cfg, folder, run_dir)
     ck.mark_latest(cfg.out_dir, run)
     runtime.setup_logging(folder / "stage.log", console.log_handler())
@@ -139,6 +142,7 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
         how = "new run" if name == "pretrain" else "continuing the most recent run"
         log.info("%s '%s' (pass run=NAME to choose)", how, run)
     log.info("%s -> %s", name, folder)
+    log.info(data_origin)
     if replaced:
         log.info("moved the previous results to %s", replaced)
     device = distributed.device() or runtime.pick_device(cfg.device.name)
@@ -162,6 +166,37 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
         st.manifest["processes"] = distributed.world()
     st.write_manifest()
     return st
+
+
+def _resolve_dataset(cfg: DictConfig, run_dir: Path) -> str:
+    """Fill ``dataset=upstream``'s keys from the parent checkpoint; say where the data comes from.
+
+    finetune and distill read their parent's dataset config (keys set on the command line win);
+    eval and export evaluate or check each checkpoint on its own dataset.
+    """
+    name = cfg.stage.name
+    if name in ("eval", "export"):
+        return "dataset: each checkpoint's own, as it was trained on"
+    if not inherits_dataset(cfg):
+        return f"dataset: {_describe(cfg.dataset)}, as configured (dataset={cfg.dataset.name})"
+    parent = ck.stage_input(run_dir, name, cfg.stage["from"])
+    dataset, own = inherit_dataset(cfg.dataset, ck.load_checkpoint(parent)["dataset"])
+    cfg.dataset = dataset
+    mine = f"; set here: {', '.join('dataset.' + k for k in own)}" if own else ""
+    return f"dataset: {_describe(cfg.dataset)}, from the parent checkpoint {parent}{mine}"
+
+
+def _describe(d: DictConfig) -> str:
+    """A dataset config in a few words: name, classes, labelled images and their draw."""
+    words = [str(d.name)]
+    if d.classes is not None:
+        words.append(f"classes {list(d.classes)}")
+    if d.shots is not None:
+        words.append(f"{d.shots} shots/class")
+    elif d.fraction is not None:
+        words.append(f"fraction {d.fraction}")
+    words.append(f"subset_seed {d.subset_seed}")
+    return " ".join(words)
 
 
 def _open_tracker(st: Stage) -> Tracker:
@@ -188,7 +223,8 @@ def _follow(cfg: DictConfig, shared: tuple | None) -> Stage:
     """Another torchrun process: the folder process 0 claimed, read only; it logs errors only."""
     if shared is None:  # process 0 failed and says why
         raise StageError("process 0 could not open the stage folder")
-    run_dir, folder, resumed = shared
+    run_dir, folder, resumed, dataset = shared
+    cfg.dataset = dataset  # the dataset process 0 resolved
     runtime.setup_logging(None, console.log_handler())
     log.setLevel(logging.ERROR)
     device = distributed.device() or runtime.pick_device(cfg.device.name)

@@ -27,6 +27,7 @@ from distill_cli.data import (
     TransferLoader,
     channel_stats,
     convert,
+    labels_per_class,
     split_indices,
 )
 from distill_cli.evaluation import evaluate_run, export_run
@@ -150,18 +151,22 @@ def _load_data(st: Stage) -> Data:
                              "but this image folder streams; set dataset.stream=false")  # fmt: skip
         with distributed.main_first():
             unlabeled, transfer = _unlabeled(st, x, indices)
+    budget = _budget(len(train_idx), len(val_idx), num_classes)
     st.manifest["data"] = {
         "dataset": d.name, "num_classes": num_classes, "n_train": len(train_idx),
-        "n_val": len(val_idx), **transfer, "indices_file": "indices.json",
+        "n_val": len(val_idx), **budget, **transfer, "indices_file": "indices.json",
         "indices_sha256": st.write_json("indices.json", indices),
     }  # fmt: skip
     st.write_manifest()
     log.info("%s: %d training and %d validation images, %d classes, shape %s",
              d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
+    log.info("labelled budget: %s per class for training, %s for validation; checkpoint "
+             "selection: %s", budget["train_per_class"], budget["val_per_class"],
+             _SELECTION_TEXT[budget["selection"]])  # fmt: skip
     if d.shots is not None and len(val_idx) > len(train_idx):
-        log.warning("the validation split holds %d labelled images, more than the %d trained on; "
-                    "a few-shot user may have fewer (dataset.val_per_class=N holds out N per "
-                    "class)", len(val_idx), len(train_idx))  # fmt: skip
+        log.warning("the validation split holds %d labelled images, more than the %d trained on "
+                    "(dataset.val_per_class=%s); the few-shot default holds out as many as the "
+                    "shots", len(val_idx), len(train_idx), d.val_per_class)  # fmt: skip
     loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
     augment = dict(shuffle=True, crop_padding=d.crop_padding, flip=d.flip, seed=st.cfg.seed)
     streamed = isinstance(x, ImageFiles)  # an image folder too large for memory: files per batch
@@ -187,10 +192,24 @@ def _load_data(st: Stage) -> Data:
         else None
     )
     info = {"dataset": OmegaConf.to_container(d), "class_names": split.class_names,
-            "mean": mean, "std": std}  # fmt: skip
+            "mean": mean, "std": std, "budget": budget}  # fmt: skip
     # Under torchrun each process trains and validates on its rows of every batch.
     train, val = distributed.shard(train), distributed.shard(val, training=False)
     return Data(train, val, num_classes, tuple(x.shape[1:]), info, streamed)
+
+
+# How fit picks the checkpoint kept as best.pt, by what validation holds.
+_SELECTION_TEXT = {"best_val": "the epoch with the best validation accuracy",
+                   "last": "the last epoch (nothing held out)"}  # fmt: skip
+
+
+def _budget(n_train: int, n_val: int, num_classes: int) -> dict:
+    """The labelled images a stage trained and selected with, per class, and how it selected."""
+    return {
+        "train_per_class": labels_per_class(n_train, num_classes),
+        "val_per_class": labels_per_class(n_val, num_classes),
+        "selection": "best_val" if n_val else "last",
+    }
 
 
 def _unlabeled(st: Stage, x: torch.Tensor, indices: dict) -> tuple[torch.Tensor | None, dict]:
@@ -309,7 +328,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     if frozen_backbone:
         log.info("linear probe: backbone frozen for %d epochs", epochs)
 
-    def save(name: str, epoch: int, val_acc: float | None, train_state: dict | None) -> None:
+    def save(name: str, epoch: int, val_acc: float | None, train_state: dict | None,
+             weights: dict | None) -> None:  # fmt: skip
         path = st.folder / f"{name}.pt"
         previous = st.manifest["checkpoints"].get(name, {}).get("sha256")
 
@@ -322,7 +342,7 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
             train_state = {**train_state, "extra": extra.state_dict()}
         resumable = {"train_state": train_state} if train_state else {}
         ck.save_checkpoint(
-            path, model, on_digest=record, stage=st.cfg.stage.name,
+            path, model, weights, on_digest=record, stage=st.cfg.stage.name,
             tag=st.cfg.tag or st.cfg.stage.name, run=st.run_dir.name, epoch=epoch,
             val_acc=val_acc, seed=st.cfg.seed, **data.info, **resumable,
         )  # fmt: skip
@@ -332,7 +352,8 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
         epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
         frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
         best=best, resume=resume, scaler=scaler, on_epoch=st.tracker.log_epoch,
-        clip_grad_norm=o.get("clip_grad_norm"),
+        clip_grad_norm=o.get("clip_grad_norm"), val_every=s.val_every,
+        save_every_s=s.save_every_s,
     )  # fmt: skip
 
 
@@ -349,7 +370,8 @@ def _finish(st: Stage, model, summary: dict) -> float | None:
     summary = {
         "stage": st.cfg.stage.name, "model": model.config["name"], "params": count_params(model),
         "dataset": st.cfg.dataset.name, "n_train": st.manifest["data"]["n_train"],
-        "n_val": st.manifest["data"]["n_val"], "epochs": st.cfg.stage.epochs, "seed": st.cfg.seed,
-        **summary,
+        "n_val": st.manifest["data"]["n_val"],
+        **{k: st.manifest["data"][k] for k in ("train_per_class", "val_per_class", "selection")},
+        "epochs": st.cfg.stage.epochs, "seed": st.cfg.seed, **summary,
     }  # fmt: skip
     return finish(st, summary)

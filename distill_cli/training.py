@@ -26,8 +26,9 @@ log = logging.getLogger("distill_cli")
 
 # (model, images, labels) -> (logits, {"loss": total, other named terms...})
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-# (name "best" | "last", epoch, validation accuracy or None, training state or None) -> None
-SaveFn = Callable[[str, int, float | None, dict | None], None]
+# (name "best" | "last", epoch, validation accuracy or None, training state or None, weights or
+# None for the model's current ones) -> None
+SaveFn = Callable[[str, int, float | None, dict | None, dict | None], None]
 
 
 class TrainingError(Exception):
@@ -83,7 +84,7 @@ def build_scheduler(
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: torch.nn.Module, batches: Iterable, amp: contextlib.AbstractContextManager | None = None
 ) -> dict[str, float]:
@@ -158,16 +159,20 @@ def fit(
     scaler: torch.amp.GradScaler | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     clip_grad_norm: float | None = None,
+    val_every: int = 1,
+    save_every_s: float = 0.0,
 ) -> dict:
     """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
 
     ``scaler`` scales float16 losses (CUDA mixed precision); ``best`` carries the best epoch
     and accuracy of an earlier phase (a linear probe).
-    ``last.pt`` after every epoch carries the training state (optimizer, schedule, RNG, best so
+    ``last.pt`` carries the training state (optimizer, schedule, RNG, best so
     far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
     SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
     ``on_epoch`` gets each epoch's metrics row once it is in ``metrics_file`` (a tracker).
     ``clip_grad_norm`` caps the L2 norm of all gradients at each step (see :func:`clip_gradients`).
+    ``val_every`` validates every that many epochs and after the last one. ``save_every_s``
+    spaces the checkpoint writes (see :class:`Saver`): 0 writes after every epoch.
     Under torchrun (see :mod:`distributed`) the epoch's sums and the validation are reduced
     over the processes, every process stops at the same step, and process 0 alone calls
     ``save``, ``on_epoch`` and writes ``metrics_file``.
@@ -204,6 +209,7 @@ def fit(
         }  # fmt: skip
 
     steps = len(train) * (end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
+    saver = Saver(save if main else None, save_every_s)
     with StageProgress(steps, "training", main) as progress, StopRequest() as stop:
         for epoch in range(start, end):
             tally = tally or Tally(lr=optimizer.param_groups[-1]["lr"])
@@ -213,24 +219,26 @@ def fit(
                              clip_grad_norm)  # fmt: skip
             except _Stopped:
                 tally = _reduced(tally)
-                if main:
-                    save("last", epoch, state["last_val_acc"], train_state(epoch, tally))
+                saver.flush(epoch, state["last_val_acc"], train_state(epoch, tally))
                 raise Interrupted(
                     f"stopped by {stop.signal} at epoch {epoch}, step {tally.step}"
                 ) from None
+            except TrainingError:
+                saver.flush_best()  # the best epoch so far is kept; last.pt stays the resume point
+                raise
             tally = _reduced(tally)
             row = _row(epoch, tally)
             state["seen"] += tally.count
             state["train_time"] += tally.seconds
             distributed.average_buffers(model)
-            if val is not None:
+            validated = val is not None and (epoch % val_every == 0 or epoch == end - 1)
+            if validated:
                 scores = evaluate(model, val, amp)
                 row.update(val_acc=scores["top1"], val_top5=scores["top5"], val_nll=scores["nll"])
                 state["last_val_acc"] = scores["top1"]
-            improved = (
-                val is None
-                or state["best_val_acc"] is None
-                or (state["last_val_acc"] > state["best_val_acc"])
+            improved = val is None or (
+                validated
+                and (state["best_val_acc"] is None or state["last_val_acc"] > state["best_val_acc"])
             )
             # The row first, then best, then last: last.pt marks what is done, and a resume drops
             # rows past its epoch, so a crash anywhere in between repeats the epoch identically.
@@ -241,13 +249,13 @@ def fit(
                     on_epoch(row)
             if improved:
                 state.update(best_epoch=epoch, best_val_acc=state["last_val_acc"])
-                if main:
-                    save("best", epoch, state["last_val_acc"], None)
-            if main:
-                save("last", epoch, state["last_val_acc"], train_state(epoch, None))
+                saver.best(model, epoch, state["last_val_acc"])
+            stopping = distributed.any_rank(stop.signal is not None)
+            if stopping or epoch == end - 1 or saver.due():
+                saver.flush(epoch, state["last_val_acc"], train_state(epoch, None))
             log.info(_epoch_line(row))
             tally = None
-            if distributed.any_rank(stop.signal is not None):
+            if stopping:
                 raise Interrupted(f"stopped by {stop.signal} after epoch {epoch}")
     return {
         "best_epoch": state["best_epoch"],
@@ -258,6 +266,51 @@ def fit(
         if state["train_time"] > 0
         else None,
     }
+
+
+class Saver:
+    """When ``best.pt`` and ``last.pt`` reach the disk: at most every ``interval_s`` seconds.
+
+    A new best epoch is copied in memory and written with the next ``last.pt``, so the two files
+    always agree on the best epoch. ``fit`` flushes after the last epoch and on a stop, so
+    Ctrl-C and SIGTERM resume exactly; a SIGKILL loses at most ``interval_s`` seconds plus the
+    epoch in progress. ``save=None`` (torchrun's other processes) writes nothing.
+    """
+
+    def __init__(self, save: SaveFn | None, interval_s: float) -> None:
+        self.save, self.interval_s = save, interval_s
+        self.last_write = time.monotonic()
+        self.pending: tuple[int, float | None, dict] | None = None  # best epoch not yet written
+
+    def best(self, model: torch.nn.Module, epoch: int, val_acc: float | None) -> None:
+        """Remember the model's weights as the best so far (written at the next flush)."""
+        if self.save is not None:
+            self.pending = (epoch, val_acc, weights_of(model))
+
+    def due(self) -> bool:
+        """Whether the interval since the last write has passed."""
+        return time.monotonic() - self.last_write >= self.interval_s
+
+    def flush_best(self) -> None:
+        """Write the pending best checkpoint, if any."""
+        if self.save is not None and self.pending is not None:
+            epoch, val_acc, weights = self.pending
+            self.save("best", epoch, val_acc, None, weights)
+            self.pending = None
+
+    def flush(self, epoch: int, val_acc: float | None, train_state: dict) -> None:
+        """Write the pending best, then ``last.pt`` with the training state to resume from."""
+        if self.save is None:
+            return
+        self.flush_best()
+        self.save("last", epoch, val_acc, train_state, None)
+        self.last_write = time.monotonic()
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the plain module's weights (unwrapped from torch.compile and DDP)."""
+    state = distributed.unwrap(model).state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def _get_rng() -> dict:

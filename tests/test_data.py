@@ -19,6 +19,7 @@ from distill_cli.data import (
     Split,
     channel_stats,
     convert,
+    labels_per_class,
     load_split,
     select_classes,
     split_indices,
@@ -347,9 +348,37 @@ def test_split_indices_shots_balanced_and_disjoint():
     y = _labels([30, 20, 25])
     train, val = split_indices(y, 3, shots=5, seed=1)
     assert torch.bincount(y[train], minlength=3).tolist() == [5, 5, 5]
-    assert torch.bincount(y[val], minlength=3).tolist() == [3, 2, 2]  # round(0.1 * n)
+    # the few-shot protocol: as many validation labels per class as training labels
+    assert torch.bincount(y[val], minlength=3).tolist() == [5, 5, 5]
     assert not set(train.tolist()) & set(val.tolist())
     assert train.dtype == torch.int64 and torch.equal(train, train.sort().values)
+
+
+def test_split_indices_few_shot_validation_can_be_none_or_larger_on_request():
+    y = _labels([30, 20])
+    train, val = split_indices(y, 2, shots=4, val_per_class=0)
+    assert len(val) == 0 and torch.bincount(y[train]).tolist() == [4, 4]
+    train, val = split_indices(y, 2, shots=4, val_per_class=10)  # asked for explicitly
+    assert torch.bincount(y[val]).tolist() == [10, 10]
+    train, val = split_indices(y, 2, shots=4, val_fraction=0.5)  # a fraction is not a budget
+    assert torch.bincount(y[val]).tolist() == [4, 4]
+
+
+def test_split_indices_shots_are_nested_and_validation_fixed_for_its_size():
+    y = _labels([50, 50, 50])
+    small, val_small = split_indices(y, 3, shots=5, val_per_class=5, seed=2)
+    large, val_large = split_indices(y, 3, shots=20, val_per_class=5, seed=2)
+    assert set(small.tolist()) < set(large.tolist())
+    assert torch.equal(val_small, val_large)
+    assert not set(large.tolist()) & set(val_large.tolist())
+    _, val_default = split_indices(y, 3, shots=20, seed=2)
+    assert set(val_small.tolist()) < set(val_default.tolist())  # 5 of the 20 held out
+
+
+def test_labels_per_class():
+    assert labels_per_class(40, 4) == 10 and isinstance(labels_per_class(40, 4), int)
+    assert labels_per_class(7291, 10) == 729.1
+    assert labels_per_class(0, 10) == 0
 
 
 def test_split_indices_determinism():
@@ -382,7 +411,9 @@ def test_split_indices_fraction_stratified():
 def test_split_indices_errors():
     y = _labels([12, 8])
     with pytest.raises(DataError, match=r"dataset\.shots=8.*7 samples class 1"):
-        split_indices(y, 2, shots=8)  # class 1 keeps 8 - round(0.8) = 7
+        split_indices(y, 2, shots=8, val_per_class=1)  # class 1 keeps 8 - 1 = 7
+    with pytest.raises(DataError, match=r"dataset\.shots=5.*3 samples class 1.*val_per_class"):
+        split_indices(y, 2, shots=5)  # 5 held out for validation leave class 1 with 3
     for kwargs, key in [
         ({"val_fraction": 1.0}, "dataset.val_fraction"),
         ({"shots": 0}, "dataset.shots"),

@@ -54,10 +54,11 @@ def reference(tmp_path_factory) -> Path:
     return cwd / "outputs" / "r" / "whole"
 
 
-def _interrupt(cwd: Path, sig: int, tag: str) -> subprocess.CompletedProcess:
+def _interrupt(cwd: Path, sig: int, tag: str, *extra: str) -> subprocess.CompletedProcess:
     """Start the run, wait until epoch 1 is done, then send ``sig`` in the middle of epoch 2."""
     folder = cwd / "outputs" / "r" / tag
-    proc = subprocess.Popen([CLI, *RUN, f"tag={tag}"], cwd=cwd, stderr=subprocess.PIPE, text=True)
+    args = [CLI, *RUN, f"tag={tag}", *extra]
+    proc = subprocess.Popen(args, cwd=cwd, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (folder / "metrics.jsonl").exists() and (folder / "metrics.jsonl").read_text().strip()
@@ -71,7 +72,8 @@ def _interrupt(cwd: Path, sig: int, tag: str) -> subprocess.CompletedProcess:
 
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
-    killed = _interrupt(tmp_path, signal.SIGKILL, "killed")
+    # checkpoints after every epoch: a kill -9 loses only the epoch in progress
+    killed = _interrupt(tmp_path, signal.SIGKILL, "killed", "stage.save_every_s=0")
     assert killed.returncode == -signal.SIGKILL
     folder = tmp_path / "outputs" / "r" / "killed"
     assert len(_rows(folder)) < 3  # it really stopped before the end
@@ -98,6 +100,37 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(tmp_pa
     resumed = _cli(tmp_path, *RUN, "tag=ctrlc", "stage.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_run(reference, folder)
+
+
+def test_sigterm_between_timed_checkpoints_saves_that_step_and_resumes_exactly(tmp_path, reference):
+    # An hour between checkpoint writes: nothing reaches the disk before the signal does.
+    stopped = _interrupt(tmp_path, signal.SIGTERM, "term", "stage.save_every_s=3600")
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    folder = tmp_path / "outputs" / "r" / "term"
+    state = ck.load_checkpoint(folder / "last.pt")["train_state"]
+    assert state["epoch"] == 2 and state["step"] > 0
+    best = ck.load_checkpoint(folder / "best.pt")  # the pending best epoch was written with it
+    assert best["epoch"] == state["best_epoch"] == 1
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checkpoints"]["best"]["previous_sha256"] is None  # written once, at the stop
+
+    resumed = _cli(tmp_path, *RUN, "tag=term", "stage.resume=true", "stage.save_every_s=0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_run(reference, folder)
+
+
+def test_timed_checkpoints_write_once_per_interval_and_at_the_end(make_cfg):
+    cfg = make_cfg(*RUN[1:], "stage.epochs=4", "tag=t", "stage.save_every_s=3600")
+    run_stage(cfg)
+    folder = Path(cfg.out_dir) / "r" / "t"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checkpoints"]["last"]["previous_sha256"] is None  # one write: the end
+    assert manifest["checkpoints"]["last"]["epoch"] == 4
+    final = json.loads((folder / "metrics.json").read_text())
+    assert ck.load_checkpoint(folder / "best.pt")["epoch"] == final["best_epoch"]
+    rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+    best_row = max(rows, key=lambda r: r["val_acc"])  # the first of equals, as fit keeps it
+    assert final["best_epoch"] == best_row["epoch"]
 
 
 def test_resume_of_a_finished_run_is_refused(tmp_path, reference):

@@ -15,6 +15,7 @@ import yaml
 
 from distill_cli.aggregate import (
     Stat,
+    choose_baselines,
     collect_jobs,
     group,
     paired_gain,
@@ -44,6 +45,7 @@ def write_job(
     parent=None,
     trained_model=None,
     kd=None,
+    budget=(5, 5),
 ) -> None:
     """A stage folder as the stages leave it: config.yaml, manifest.json, metrics.json(l)."""
     d = run_dir / folder
@@ -75,6 +77,8 @@ def write_job(
     (d / "manifest.json").write_text(json.dumps(manifest))
     if best is not None:
         final = {"best_val_acc": best, "best_epoch": 2, "model": trained_model or model}
+        if budget is not None:
+            final.update(train_per_class=budget[0], val_per_class=budget[1])
         if last is not None:
             final["last_val_acc"] = last
         (d / "metrics.json").write_text(json.dumps(final))
@@ -238,7 +242,7 @@ def test_report_files_hold_means_stds_gains_and_failures(make_cfg, run_dir):
         "",
     )
     assert rows["pretrain"]["baseline"] == "" and rows["pretrain"]["n"] == "1"
-    assert "| distill | cnn | glyphs_target | 3 | 0,1,2 | 1 | 62.0 ± 2.6 |" in md
+    assert "| distill | cnn | glyphs_target | 5+5 | 3 | 0,1,2 | 1 | 62.0 ± 2.6 |" in md
     assert (
         "| distill | finetune | scratch_student optimizer.lr=0.01 (best val of 2) | 3 | "
         "+8.0 ± 1.7 | +6.7 ± 1.5 |" in md
@@ -254,7 +258,7 @@ def test_stale_eval_and_missing_metrics_are_said(make_cfg, run_dir):
     (run_dir / "scratch_teacher" / "metrics.json").unlink()  # says completed, has no metrics
     report(make_cfg, "stage.metrics=[top1]")
     md = (run_dir / "report.md").read_text()
-    assert "| distill | cnn | glyphs_target | 3 | 0,1,2 | 1 | 57.0 ± 2.8 (n=2) |" in md
+    assert "| distill | cnn | glyphs_target | 5+5 | 3 | 0,1,2 | 1 | 57.0 ± 2.8 (n=2) |" in md
     assert "distill/seed=0: eval/metrics.json measured an older checkpoint" in md
     assert "| scratch_teacher | pretrain | completed | 0/3 | no metrics.json |" in md
 
@@ -329,7 +333,26 @@ def test_multirun_then_report_through_the_console_script(tmp_path):
     assert "pretrain optimizer.lr=0.01" in proc.stdout
     md = (tmp_path / "outputs" / "r" / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| pretrain optimizer.lr=")]
-    assert len(rows) == 2 and all("| cnn | glyphs_target | 2 | 0,1 |" in row for row in rows)
+    assert len(rows) == 2 and all("| cnn | glyphs_target | 2+2 | 2 | 0,1 |" in row for row in rows)
     missing = cli("report", "run=missing")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "run 'missing' does not exist in 'outputs'; runs there: r" in missing.stderr
+
+
+def test_a_baseline_is_only_paired_with_the_same_labelled_budget(tmp_path):
+    r = tmp_path / "outputs" / "r"
+    for s in range(2):
+        write_job(r, f"distill/seed={s}", stage="distill", seed=s, best=60.0 + s)
+        # more labels for validation: the same images trained on, a different budget
+        write_job(r, f"scratch/seed={s}", seed=s, best=70.0, budget=(5, 50))
+    configs = group(collect_jobs(r))
+    choose_baselines(configs)
+    distill = next(c for c in configs if c.name == "distill")
+    assert distill.labels == "5+5" and distill.baseline is None
+    write_job(r, "scratch_same/seed=0", seed=0, best=50.0)
+    write_job(r, "legacy/seed=1", seed=1, best=40.0, budget=None)  # an older version's: unknown
+    configs = group(collect_jobs(r))
+    choose_baselines(configs)
+    distill = next(c for c in configs if c.name == "distill")
+    assert distill.baseline is not None and distill.baseline.name == "scratch_same"
+    assert next(c for c in configs if c.name == "legacy").labels == "?"

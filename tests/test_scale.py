@@ -86,7 +86,8 @@ def test_preflight_checks_the_yaml_search_space(monkeypatch, tmp_path):
     "overrides,message",
     [
         (["stage=eval"], "eval returns no validation accuracy"),
-        (["stage=distill", "dataset.val_fraction=0"], "keep dataset.val_fraction > 0"),
+        (["stage=distill", "dataset=usps", "dataset.val_fraction=0"], "dataset.val_fraction > 0"),
+        (["stage=distill", "dataset.shots=5", "dataset.val_per_class=0"], "val_per_class > 0"),
     ],
 )
 def test_a_search_needs_a_validation_accuracy(overrides, message):
@@ -116,7 +117,8 @@ def test_local_launcher_runs_a_multirun_in_worker_processes(tmp_path):
 def test_killing_a_local_sweep_stops_its_workers_resumably(tmp_path):
     proc = subprocess.Popen(
         [CLI, "pretrain", "-m", "hydra/launcher=local", "run=r", *TINY, "stage.epochs=2000",
-         "seed=0,1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "seed=0,1", "stage.save_every_s=0"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
     jobs = [tmp_path / "outputs" / "r" / "pretrain" / f"seed={s}" for s in (0, 1)]
     deadline = time.monotonic() + 120

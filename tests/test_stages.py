@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli.config import check
+from distill_cli.config import ConfigError, check, conf_dir, inherit_dataset
 from distill_cli.stages import StageError, run_stage
 from tests.conftest import TINY
 
@@ -68,6 +69,57 @@ def test_linear_then_full_numbers_epochs_across_phases(make_cfg, pretrained):
          "stage.probe_epochs=1", "stage.backbone_lr_mult=0.1")  # fmt: skip
     rows = (pretrained / "finetune" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def _dataset_of(folder) -> dict:
+    return dict(OmegaConf.load(folder / "config.yaml").dataset)
+
+
+def test_stages_inherit_the_parents_data_unless_the_command_line_names_it(make_cfg, pretrained):
+    # finetune names a new target: a group choice, nothing inherited
+    _run(make_cfg, "stage=finetune", "run=r", *TGT, "dataset.subset_seed=4")
+    target = _dataset_of(pretrained / "finetune")
+    assert (target["name"], target["shots"], target["subset_seed"]) == ("glyphs_target", 3, 4)
+    log = (pretrained / "finetune" / "stage.log").read_text()
+    assert "dataset: glyphs_target 3 shots/class subset_seed 4, as configured" in log
+
+    # distill with no dataset key: the teacher's data, its yaml's augmentation included
+    _run(make_cfg, "stage=distill", "run=r", "model=cnn", "stage.epochs=1")
+    student = _dataset_of(pretrained / "distill")
+    assert student == target
+    log = (pretrained / "distill" / "stage.log").read_text()
+    assert "dataset: glyphs_target 3 shots/class subset_seed 4, from the parent checkpoint" in log
+    assert "set here" not in log
+    indices = [json.loads((pretrained / f / "indices.json").read_text()) for f in
+               ("finetune", "distill")]  # fmt: skip
+    assert indices[0] == indices[1]  # the same labelled images and validation split
+
+    # one key set on the command line wins; the rest still comes from the parent
+    _run(make_cfg, "stage=distill", "run=r", "model=cnn", "stage.epochs=1", "tag=two",
+         "dataset.shots=2")  # fmt: skip
+    two = _dataset_of(pretrained / "two")
+    assert two == {**target, "shots": 2}
+    assert "set here: dataset.shots" in (pretrained / "two" / "stage.log").read_text()
+
+
+def test_inheriting_needs_a_parent_and_pretrain_needs_a_dataset(make_cfg):
+    with pytest.raises(ck.CheckpointError, match="run `distill-cli finetune run=x"):
+        _run(make_cfg, "stage=distill", "run=x")
+    with pytest.raises(ConfigError, match="pretrain .* set dataset=NAME; valid: cifar10"):
+        check(make_cfg("stage=pretrain", "dataset=upstream"))
+
+
+def test_upstream_dataset_inherits_every_key_of_the_base():
+    base = OmegaConf.load(ck.Path(conf_dir()) / "dataset" / "_base.yaml")
+    upstream = OmegaConf.load(ck.Path(conf_dir()) / "dataset" / "upstream.yaml")
+    assert set(upstream) == set(base) - {"defaults"}
+    assert all(OmegaConf.is_missing(upstream, k) for k in upstream)
+
+
+def test_inherit_dataset_fills_what_the_parent_lacks_from_the_base():
+    requested = OmegaConf.create({"name": "???", "shots": 7, "flip": "???", "workers": "???"})
+    merged, own = inherit_dataset(requested, {"name": "usps", "flip": False})
+    assert merged == {"name": "usps", "shots": 7, "flip": False, "workers": 2} and own == ["shots"]
 
 
 def test_distill_keeps_the_teacher_frozen_and_evaluates(make_cfg, pretrained):
@@ -170,11 +222,52 @@ def test_compiled_training_saves_the_plain_module(make_cfg, monkeypatch):
     ck.model_from_checkpoint(ckpt)
 
 
-def test_a_validation_split_larger_than_the_shots_is_said(make_cfg):
-    cfg, _ = _run(make_cfg, "stage=pretrain", "run=v", *TGT, "stage.epochs=1")  # 30 shots
-    log = (ck.Path(cfg.out_dir) / "v" / "pretrain" / "stage.log").read_text()
-    assert "WARNING the validation split holds 200 labelled images, more than the 30" in log
+def test_few_shot_protocol_holds_out_the_shots_and_states_the_budget(make_cfg):
+    cfg, best = _run(make_cfg, "stage=pretrain", "run=v", *TGT, "stage.epochs=1")  # 3 shots
+    folder = ck.Path(cfg.out_dir) / "v" / "pretrain"
+    indices = json.loads((folder / "indices.json").read_text())
+    assert len(indices["train"]) == len(indices["val"]) == 30  # 3 per class, 10 classes
+    assert not set(indices["train"]) & set(indices["val"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["train_per_class"], metrics["val_per_class"]) == (3, 3)
+    assert metrics["selection"] == "best_val" and best == metrics["best_val_acc"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["data"]["train_per_class"] == 3 and manifest["data"]["val_per_class"] == 3
+    assert ck.load_checkpoint(folder / "best.pt")["budget"]["val_per_class"] == 3
+    log = (folder / "stage.log").read_text()
+    assert "labelled budget: 3 per class for training, 3 for validation" in log
+    assert "validation split holds" not in log
+
+
+def test_nothing_held_out_keeps_the_last_epoch(make_cfg):
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=n", *TGT, "stage.epochs=3",
+                  "dataset.val_per_class=0")  # fmt: skip
+    folder = ck.Path(cfg.out_dir) / "n" / "pretrain"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["selection"] == "last" and metrics["val_per_class"] == 0
+    assert metrics["best_epoch"] == 3 and metrics["best_val_acc"] is None
+    assert ck.load_checkpoint(folder / "best.pt")["epoch"] == 3
+    assert json.loads((folder / "indices.json").read_text())["val"] == []
+
+
+def test_a_larger_validation_split_on_request_is_said(make_cfg):
     cfg, _ = _run(make_cfg, "stage=pretrain", "run=w", *TGT, "stage.epochs=1",
-                  "dataset.val_per_class=2")  # fmt: skip
-    log = (ck.Path(cfg.out_dir) / "w" / "pretrain" / "stage.log").read_text()
-    assert "validation split holds" not in log and "30 training and 20 validation" in log
+                  "dataset.val_per_class=20")  # fmt: skip
+    folder = ck.Path(cfg.out_dir) / "w" / "pretrain"
+    log = (folder / "stage.log").read_text()
+    assert "30 training and 200 validation" in log
+    assert "WARNING the validation split holds 200 labelled images, more than the 30" in log
+    assert json.loads((folder / "metrics.json").read_text())["val_per_class"] == 20
+
+
+def test_validation_every_n_epochs_and_after_the_last(make_cfg):
+    cfg, _ = _run(make_cfg, "stage=pretrain", "run=e", *TGT, "stage.epochs=5",
+                  "stage.val_every=2")  # fmt: skip
+    rows = _rows(ck.Path(cfg.out_dir) / "e" / "pretrain" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "val_acc" in r] == [2, 4, 5]
+    best = json.loads((ck.Path(cfg.out_dir) / "e" / "pretrain" / "metrics.json").read_text())
+    assert best["best_epoch"] in (2, 4, 5)
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -9,6 +9,7 @@ import torch
 from distill_cli.data import BatchLoader
 from distill_cli.models import build_model
 from distill_cli.training import (
+    Saver,
     TrainingError,
     build_optimizer,
     build_scheduler,
@@ -83,7 +84,7 @@ def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
         optimizer=opt,
         scheduler=sched,
         epochs=8,
-        save=lambda name, epoch, acc, state: saved.append((name, epoch, acc)),
+        save=lambda name, epoch, acc, state, weights: saved.append((name, epoch, acc)),
         metrics_file=tmp_path / "metrics.jsonl",
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -97,6 +98,44 @@ def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
         ("last", r["epoch"], r["val_acc"]) for r in rows
     ]
     assert saved[-1][0] in ("best", "last")
+
+
+def test_timed_checkpoints_hold_the_best_weights_until_the_next_write(tmp_path):
+    torch.manual_seed(0)
+    train, val = _tiny_loaders()
+    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.05, momentum=0.9)
+    sched = build_scheduler(opt, len(train) * 6, "cosine", 0, [], 0.1)
+    saved, snapshots = [], {}
+
+    def save(name, epoch, acc, state, weights):
+        saved.append((name, epoch))
+        snapshots[name] = {k: v.clone() for k, v in (weights or model.state_dict()).items()}
+
+    def remember(row):  # each epoch's weights, to compare the best snapshot with
+        snapshots[row["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    summary = fit(model, train, val, loss_fn=_ce, optimizer=opt, scheduler=sched, epochs=6,
+                  save=save, metrics_file=tmp_path / "m.jsonl", on_epoch=remember,
+                  save_every_s=3600)  # fmt: skip
+    assert saved == [("best", summary["best_epoch"]), ("last", 6)]  # one write each, at the end
+    best = snapshots[summary["best_epoch"]]
+    assert all(torch.equal(best[k], snapshots["best"][k]) for k in best)
+
+
+def test_saver_writes_when_its_interval_has_passed(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("distill_cli.training.time.monotonic", lambda: clock[0])
+    writes = []
+    saver = Saver(lambda *a: writes.append(a[:2]), interval_s=60)
+    model = torch.nn.Linear(2, 2)
+    saver.best(model, 1, 50.0)
+    assert not saver.due() and writes == []
+    clock[0] += 60
+    assert saver.due()
+    saver.flush(2, 40.0, {"epoch": 2})
+    assert writes == [("best", 1), ("last", 2)] and not saver.due()
+    Saver(None, 0).flush(3, None, {})  # torchrun's other processes write nothing
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):

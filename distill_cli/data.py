@@ -289,7 +289,7 @@ def split_indices(
         vals.append(members[len(members) - n_val :])
         rests.append(members[: len(members) - n_val])
     if shots is not None:
-        _check_shots(shots, rests)
+        _check_shots(shots, rests, vals)
         trains = [rest[:shots] for rest in rests]
     elif fraction is not None:
         trains = [rest[: max(1, round(fraction * len(rest)))] for rest in rests]
@@ -333,15 +333,15 @@ def _val_count(n: int, val_fraction: float, val_per_class: int | None) -> int:
     return min(max(1, round(val_fraction * n)), n - 1)
 
 
-def _check_shots(shots: int, rests: list[torch.Tensor]) -> None:
-    counts = [len(rest) for rest in rests if len(rest) > 0] or [0]
-    smallest = min(counts)
-    if shots > smallest:
-        cls = [len(rest) for rest in rests].index(smallest)
-        raise DataError(
-            f"dataset.shots={shots} is more than the {smallest} samples class {cls} has left "
-            "after the validation split; lower dataset.shots or dataset.val_per_class"
-        )
+def _check_shots(shots: int, rests: list[torch.Tensor], vals: list[torch.Tensor]) -> None:
+    """Every class that has images must keep ``shots`` of them after its validation share."""
+    for cls, (rest, val) in enumerate(zip(rests, vals, strict=True)):
+        if len(rest) + len(val) and len(rest) < shots:
+            raise DataError(
+                f"dataset.shots={shots} is more than the {len(rest)} images class {cls} has left "
+                f"after holding out {len(val)} for validation; lower dataset.shots or "
+                "dataset.val_per_class"
+            )
 
 
 def _sorted_cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -66,3 +66,20 @@ def test_distillation_cost_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["epoch_s"]["pretrain"] > 0 and report["overhead"]["live"] > 0
     assert report["overhead"]["cached"] > 0 and report["sweep"]["cached_s"] > 0
+
+
+def test_fewshot_cost_benchmark_smoke(tmp_path):
+    out = tmp_path / "fewshot.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "fewshot_cost.py"), "--data", "glyphs", "--shots",
+         "2", "--epochs", "2", "--distill-epochs", "2", "--settings", "default,val1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for stage in ("finetune", "distill"):
+        default, val1 = report[stage]["default"], report[stage]["val1"]
+        assert default["n_train"] == default["n_val"] == 20  # 2 shots and 2 held out, 10 classes
+        assert val1["n_val"] == 10 and val1["wall_s"] > 0
+        assert report[stage]["default_over_val1"] > 0

@@ -410,9 +410,9 @@ def test_split_indices_fraction_stratified():
 
 def test_split_indices_errors():
     y = _labels([12, 8])
-    with pytest.raises(DataError, match=r"dataset\.shots=8.*7 samples class 1"):
+    with pytest.raises(DataError, match=r"dataset\.shots=8.*7 images class 1.*holding out 1"):
         split_indices(y, 2, shots=8, val_per_class=1)  # class 1 keeps 8 - 1 = 7
-    with pytest.raises(DataError, match=r"dataset\.shots=5.*3 samples class 1.*val_per_class"):
+    with pytest.raises(DataError, match=r"dataset\.shots=5.*3 images class 1.*val_per_class"):
         split_indices(y, 2, shots=5)  # 5 held out for validation leave class 1 with 3
     for kwargs, key in [
         ({"val_fraction": 1.0}, "dataset.val_fraction"),

@@ -46,9 +46,9 @@ help: ## list the workflows
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
 	@echo "Demo variables: RUN=$(RUN) SEED=$(SEED) SHOTS=$(SHOTS) TEACHER=$(TEACHER) STUDENT=$(STUDENT)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
 venv: $(STAMP) ## create .venv and install distill-cli with its test tools

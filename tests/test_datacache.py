@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -108,18 +109,40 @@ def test_generated_data_and_cache_false_write_nothing(tmp_path):
     assert not list(tmp_path.rglob("*.pt"))
 
 
-def test_real_mnist_from_the_cache_equals_torchvision(shared_data, tmp_path):
-    fallback = str(tmp_path / CACHE_DIR)
-    plain = load_split("mnist", str(shared_data), False, download=False)
-    load_split(
-        "mnist", str(shared_data), False, download=False, cache=True, cache_fallback=fallback
-    )
-    cached = load_split(
-        "mnist", str(shared_data), False, download=False, cache=True, cache_fallback=fallback
-    )
+def _mnist_test_copy(shared_data, root) -> None:
+    """MNIST's test split under root in torchvision's layout, without writing into shared_data.
+
+    The t10k files are copied (7.8 MB). torchvision also insists that the training files exist
+    even for the test split; they are links to the shared ones, which nothing here reads.
+    """
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copyfile(shared_data / "MNIST" / "raw" / name, raw / name)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).symlink_to(shared_data / "MNIST" / "raw" / name)
+
+
+def test_real_mnist_from_the_cache_equals_torchvision(shared_data, tmp_path, monkeypatch):
+    data, fallback = tmp_path / "data", tmp_path / "outputs" / CACHE_DIR
+    _mnist_test_copy(shared_data, data)
+    plain = load_split("mnist", str(data), False, download=False)
+
+    def load():
+        return load_split(
+            "mnist", str(data), False, download=False, cache=True, cache_fallback=str(fallback)
+        )
+
+    load()
+    assert (data / CACHE_DIR / "mnist-test.pt").is_file() and not fallback.exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded MNIST instead of reading the cache")
+
+    monkeypatch.setitem(data_module.DATASETS, "mnist", refuse)
+    cached = load()
     assert torch.equal(plain.x, cached.x) and torch.equal(plain.y, cached.y)
-    assert plain.class_names == cached.class_names
-    assert not (shared_data / CACHE_DIR).exists()  # the shared folder is read-only
+    assert plain.class_names == cached.class_names and len(cached.x) == 10_000
 
 
 def test_stage_uses_the_cache_and_the_switch(tmp_path, make_cfg):

@@ -7,7 +7,8 @@ r"""What a few-shot stage costs under each validation protocol and checkpoint in
 A teacher (``resnet8x4``) is pretrained briefly on the source classes, only so that there is one
 to finetune: its accuracy does not matter here. Then the 10-shot finetune (and a distill of the
 finetuned teacher into ``cnn``) runs once per setting, each a fresh ``distill-cli`` process, and
-the wall time of the whole command is measured with its training time (``train_time_s``):
+the wall time of the whole command is measured with its training time (``train_time_s``). Each
+distill runs in a run of its own, so that none reads teacher outputs another one cached:
 
 - ``default``: the few-shot protocol (validation holds as many images per class as the shots)
   and checkpoints every ``stage.save_every_s`` (60 s);
@@ -62,10 +63,10 @@ def data_args(data: str, classes: str | None, shots: int | None) -> list[str]:
     return args + ([f"dataset.shots={shots}"] if shots else ["dataset.fraction=0.05"])
 
 
-def measure(out: Path, tag: str, stage: list[str], extra: list[str]) -> dict:
+def measure(out: Path, run_name: str, tag: str, stage: list[str], extra: list[str]) -> dict:
     """One stage in one setting: wall and training time, images trained on and held out."""
-    wall = run(out, *stage, f"tag={tag}", *extra)
-    final = json.loads((out / "bench" / tag / "metrics.json").read_text())
+    wall = run(out, *stage, f"run={run_name}", f"tag={tag}", *extra)
+    final = json.loads((out / run_name / tag / "metrics.json").read_text())
     return {
         "wall_s": round(wall, 2),
         "train_time_s": final["train_time_s"],
@@ -89,19 +90,21 @@ def main() -> None:
     chosen = a.settings.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        common = ["run=bench", "stage.batch_size=32"]
         run(out, "pretrain", "run=bench", "model=resnet8x4", "stage.epochs=1",
             *data_args(a.data, SOURCE, None))  # fmt: skip
-        target = data_args(a.data, TARGET, a.shots)
-        finetune = ["finetune", *common, *target, f"stage.epochs={a.epochs}"]
+        target = [*data_args(a.data, TARGET, a.shots), "stage.batch_size=32"]
+        finetune = ["finetune", *target, f"stage.epochs={a.epochs}"]
         results: dict[str, dict] = {"finetune": {}, "distill": {}}
         for name in chosen:
-            results["finetune"][name] = measure(out, f"ft_{name}", finetune, SETTINGS[name])
+            results["finetune"][name] = measure(
+                out, "bench", f"ft_{name}", finetune, SETTINGS[name]
+            )
         teacher = f"stage.from={out / 'bench' / f'ft_{chosen[0]}'}"
-        distill = ["distill", *common, *target, "model=cnn", teacher,
-                   f"stage.epochs={a.distill_epochs}"]  # fmt: skip
-        for name in chosen:
-            results["distill"][name] = measure(out, f"kd_{name}", distill, SETTINGS[name])
+        distill = ["distill", *target, "model=cnn", teacher, f"stage.epochs={a.distill_epochs}"]
+        for name in chosen:  # a run each: its own teacher cache, filled from cold
+            results["distill"][name] = measure(
+                out, f"kd_{name}", "distill", distill, SETTINGS[name]
+            )
     for stage in results.values():
         if "default" in stage and "val1" in stage:
             stage["default_over_val1"] = round(

@@ -138,6 +138,9 @@ def test_distill_keeps_the_teacher_frozen_and_evaluates(make_cfg, pretrained):
     assert results["pretrain"]["dataset"] == "glyphs_source"
     assert results["distill"]["dataset"] == "glyphs_target"
     assert results["distill"]["model"] == "resnet8"
+    # the labelled budget of each checkpoint: 3 shots and 3 held out per class
+    assert results["distill"]["labels"] == "3+3" and results["distill"]["selection"] == "best_val"
+    assert results["finetune"]["train_per_class"] == results["finetune"]["val_per_class"] == 3
 
 
 def test_distill_refuses_a_teacher_with_other_classes(make_cfg, pretrained):

@@ -213,18 +213,22 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield (dotted key, plain value) for every leaf; lists are leaves."""
+def _leaves(node: Any, prefix: str = "", inherited: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, plain value) for every leaf; lists are leaves.
+
+    ``???`` keys under ``inherited`` (``"dataset."`` for dataset=upstream) are skipped: the stage
+    takes them from its parent checkpoint. Elsewhere a ``???`` key is an error.
+    """
     if isinstance(node, DictConfig) and prefix[:-1] not in RULES:
         for key in node:
             if prefix == "" and key == "hydra":
                 continue
             path = f"{prefix}{key}"
-            if OmegaConf.is_missing(node, key) and path.startswith("dataset."):
-                continue  # dataset=upstream: taken from the parent checkpoint when the stage runs
             if OmegaConf.is_missing(node, key):
+                if inherited and path.startswith(inherited):
+                    continue
                 raise ConfigError(f"{path} is required (it is ??? in the config); set {path}=VALUE")
-            yield from _leaves(node[key], path + ".")
+            yield from _leaves(node[key], path + ".", inherited)
     elif isinstance(node, (ListConfig, DictConfig)):  # lists and mappings that are one value
         yield prefix[:-1], OmegaConf.to_container(node, resolve=True)
     else:
@@ -233,7 +237,7 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot work."""
-    for key, value in _leaves(cfg):
+    for key, value in _leaves(cfg, inherited="dataset." if inherits_dataset(cfg) else ""):
         if key not in RULES:
             raise ConfigError(f"unknown key '{key}'; see `distill-cli --help` for the valid keys")
         ok, expected = RULES[key]
@@ -286,8 +290,8 @@ def conf_dir() -> str:
 
 
 def inherits_dataset(cfg: DictConfig) -> bool:
-    """Whether ``cfg.dataset`` is ``dataset=upstream``: some keys wait for the parent's values."""
-    return any(OmegaConf.is_missing(cfg.dataset, k) for k in cfg.dataset)
+    """Whether ``cfg.dataset`` is ``dataset=upstream``: its keys wait for the parent's values."""
+    return OmegaConf.is_missing(cfg.dataset, "name")
 
 
 def inherit_dataset(requested: DictConfig, upstream: Mapping[str, Any]) -> tuple[dict, list[str]]:

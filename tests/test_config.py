@@ -52,7 +52,7 @@ def test_every_yaml_key_has_a_rule(make_cfg):
     from distill_cli.config import _leaves
 
     for stage in STAGES:
-        for key, _ in _leaves(make_cfg(f"stage={stage}", "optimizer=adam")):
+        for key, _ in _leaves(make_cfg(f"stage={stage}", "optimizer=adam", "dataset=usps")):
             assert key in RULES
 
 

@@ -77,7 +77,7 @@ class Stage:
         """Write ``data`` into the folder as JSON; return the file's sha256 (on every process)."""
         blob = rundir.json_bytes(data)
         if self.main:
-            ck.atomic_write(self.folder / name, lambda f: f.write(blob))
+            rundir.atomic_write(self.folder / name, lambda f: f.write(blob))
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -312,7 +312,7 @@ def _truncate_metrics(path: Path, state: dict) -> None:
         return
     done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
     rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["epoch"] <= done]
-    ck.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+    rundir.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
 
 
 def finish(st: Stage, summary: dict) -> float | None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import distributed, runtime
+from distill_cli import distributed, rundir, runtime
 from distill_cli.data import (
     BatchLoader,
     ImageFiles,
@@ -401,7 +401,7 @@ def save_cache(st: Stage, cache: TeacherCache) -> float | None:
     Under torchrun process 0 writes what it holds: the entries it loaded and those of its rows.
     """
     if st.main:
-        cache.save(ck.atomic_write)
+        cache.save(rundir.atomic_write)
     st.manifest["teacher_cache"] = cache.stats()
     st.write_manifest()
     log.info("teacher cache: %d hits, %d misses, %d entries loaded from %s", cache.hits,

@@ -26,7 +26,7 @@ from common import emit, settings
 from throughput import write_images
 
 from distill_cli.data import load_split
-from distill_cli.datacache import cache_paths
+from distill_cli.data.cache import cache_paths
 
 
 def _timed(name: str, root: str, cache: bool, fallback: str) -> tuple[float, torch.Tensor]:

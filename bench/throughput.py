@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from common import emit, settings
 
 from distill_cli.data import channel_stats, convert
-from distill_cli.glyphs import make_glyphs
+from distill_cli.data.glyphs import make_glyphs
 from distill_cli.models import build_model
 
 CLI = str(Path(sys.executable).parent / "distill-cli")

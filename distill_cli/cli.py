@@ -93,6 +93,17 @@ def _one_line(exc: Exception) -> str:
     return "; ".join(lines) or type(exc).__name__
 
 
+def basic_sweep_jobs(parsed: list) -> list[list[str]]:
+    """The overrides of each job the basic sweeper would launch, in its order.
+
+    Hydra has no public API for this: it is the one use of Hydra's internals, kept here, and
+    tests/test_cli.py::test_basic_sweep_jobs fails loudly if a Hydra upgrade moves or changes it.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
 def preflight(overrides: list[str], max_jobs: int = 256) -> None:
     """Compose and check the configuration of every job the overrides describe.
 
@@ -104,7 +115,6 @@ def preflight(overrides: list[str], max_jobs: int = 256) -> None:
         ConfigError: naming the first bad key or value, in one line.
     """
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -115,7 +125,7 @@ def preflight(overrides: list[str], max_jobs: int = 256) -> None:
         _require_plugins(choices)
         search = choices.get("hydra/sweeper", "basic") != "basic"
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-            jobs = _search_jobs(parsed) if search else BasicSweeper.split_arguments(parsed, None)[0]
+            jobs = _search_jobs(parsed) if search else basic_sweep_jobs(parsed)
             for i, job in enumerate(jobs[:max_jobs]):
                 cfg = compose(config_name="config", overrides=job)
                 check(cfg)
@@ -278,7 +288,7 @@ def _task(cfg: DictConfig) -> float | None:
             print_error(f"{cfg.stage.name} runs in a single process: run it without torchrun")
         sys.exit(EXIT_USAGE)
     if cfg.stage.name == "report":  # reads JSON and YAML only: this path never imports torch
-        from distill_cli.report import ReportError, report_run
+        from distill_cli.evaluation.report import ReportError, report_run
 
         try:
             return report_run(cfg, _job_subdir())

@@ -47,6 +47,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message is one line naming the key."""
 
 
+class StageError(Exception):
+    """A stage that cannot run as asked; the message is one line."""
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

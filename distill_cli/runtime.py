@@ -1,4 +1,4 @@
-"""Where and how a stage runs: device, seeding, autocast, logging and the manifest.
+"""Where and how a stage runs: device, seeding, autocast, stop signals and logging.
 
 ``distill-cli pretrain device=cuda device.amp=true`` and ``device.deterministic=true`` land here.
 """
@@ -6,73 +6,21 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import os
-import platform
 import random
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from distill_cli.checkpoint import atomic_write
 
 log = logging.getLogger("distill_cli")
 
 
 class DeviceError(Exception):
     """A device that cannot be used here; the message is one line."""
-
-
-class FolderLocked(Exception):
-    """Another process is writing the stage folder; the message is one line."""
-
-
-LOCK_FILE = ".lock"
-_locks: dict[Path, int] = {}  # folder -> open file descriptor holding its lock
-
-
-def lock_folder(folder: Path) -> None:
-    """Take the stage folder's lock, or raise FolderLocked naming the process that holds it.
-
-    The kernel releases an flock when its owner dies, however it dies, so a lock never outlives
-    its process; the file itself only records the owner's pid.
-    """
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise FolderLocked(
-            f"'{folder}' is being written by another distill-cli process (pid {owner}); wait for "
-            "it to finish, or write elsewhere with tag=NEW_TAG"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _locks[folder.resolve()] = fd
-
-
-def check_unlocked(folder: Path) -> None:
-    """Raise FolderLocked if another process holds the folder's lock; take nothing."""
-    if (folder / LOCK_FILE).exists() and folder.resolve() not in _locks:
-        lock_folder(folder)
-        unlock_folder(folder)
-
-
-def unlock_folder(folder: Path) -> None:
-    """Release the folder's lock and remove the lock file."""
-    fd = _locks.pop(folder.resolve(), None)
-    if fd is not None:
-        (folder / LOCK_FILE).unlink(missing_ok=True)
-        os.close(fd)
 
 
 class StopRequest:
@@ -174,77 +122,3 @@ def close_logging() -> None:
         if isinstance(handler, logging.FileHandler):
             handler.close()
             log.removeHandler(handler)
-
-
-def git_commit() -> dict[str, Any]:
-    """The commit of the distill-cli source tree, and whether it has uncommitted changes."""
-    src = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    if commit.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries a result depends on."""
-    import hydra
-    import omegaconf
-    import torchvision
-
-    from distill_cli import __version__
-
-    return {
-        "distill_cli": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "hydra": hydra.__version__,
-        "omegaconf": omegaconf.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def json_bytes(data: Any, sort_keys: bool = True) -> bytes:
-    """``data`` as the indented JSON text :func:`write_json` writes."""
-    return (json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n").encode()
-
-
-def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
-    """Write JSON atomically, indented."""
-    blob = json_bytes(data, sort_keys)
-    atomic_write(path, lambda f: f.write(blob))
-
-
-def now() -> str:
-    """The local time as an ISO 8601 string with its UTC offset."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def new_manifest(stage: str, tag: str, run: str, seed: int, device: torch.device) -> dict:
-    """The manifest's fields known when a stage starts; the stage fills in the rest."""
-    return {
-        "stage": stage,
-        "tag": tag,
-        "run": run,
-        "seed": seed,
-        "status": "running",
-        "started": now(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "device": str(device),
-        "git": git_commit(),
-        "versions": versions(),
-        "parent": None,
-        "data": None,
-        "checkpoints": {},
-    }

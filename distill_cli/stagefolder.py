@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,10 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import console, distributed, runtime
-from distill_cli.config import ConfigError, inherit_dataset, inherits_dataset
-from distill_cli.data import DataError, Split, load_split, select_classes
-from distill_cli.datacache import CACHE_DIR
+from distill_cli import console, distributed, rundir, runtime
+from distill_cli.config import ConfigError, StageError, inherit_dataset, inherits_dataset
+from distill_cli.data import DataError, Split, load_dataset
 from distill_cli.trackers import Tracker, TrackerError, open_tracker
 from distill_cli.training import Interrupted, TrainingError
 
@@ -39,14 +37,10 @@ _NOT_COMPARED = {"stage.resume", "stage.save_every_s", "overwrite", "dataset.cac
 _TRACKED = ("pretrain", "finetune", "distill")  # the stages whose epochs a tracker records
 
 
-class StageError(Exception):
-    """A stage that cannot run as asked; the message is one line."""
-
-
 # Errors whose one-line message is all a user needs: no traceback for these.
 USER_ERRORS = (
     StageError, ConfigError, DataError, ck.CheckpointError, runtime.DeviceError,
-    runtime.FolderLocked, TrainingError, TrackerError,
+    rundir.FolderLocked, TrainingError, TrackerError,
 )  # fmt: skip
 
 
@@ -68,32 +62,22 @@ class Stage:
         return runtime.autocast(self.device, self.cfg.device.amp, self.cfg.device.amp_dtype)
 
     def load_dataset(self, d: Mapping[str, Any], train: bool) -> Split:
-        """The train or test split a dataset config names, its ``classes`` selected.
+        """The train or test split a dataset config names (``data.load_dataset``).
 
         ``d`` is ``cfg.dataset``, or a checkpoint's copy of it (older ones lack newer keys).
-        Decoded splits are cached beside the data, else under ``out_dir``.
         """
-        split = load_split(
-            d["name"], d.get("root") or "data", train, d.get("download", True),
-            d.get("bad_images", "error"), cache=d.get("cache", True),
-            cache_fallback=os.path.join(self.cfg.out_dir, CACHE_DIR),
-            stream=d.get("stream", False), max_memory_gb=d.get("max_memory_gb"),
-            workers=d.get("workers", 2),
-        )  # fmt: skip
-        if d.get("classes") is not None:
-            split = select_classes(split, list(d["classes"]))
-        return split
+        return load_dataset(d, train, self.cfg.out_dir)
 
     def write_manifest(self) -> None:
         """Persist the manifest (called after every change worth keeping)."""
         if self.main:
-            runtime.write_json(self.folder / "manifest.json", self.manifest)
+            rundir.write_manifest(self.folder, self.manifest)
 
     def write_json(self, name: str, data: Any) -> str:
         """Write ``data`` into the folder as JSON; return the file's sha256 (on every process)."""
-        blob = runtime.json_bytes(data)
+        blob = rundir.json_bytes(data)
         if self.main:
-            ck.atomic_write(self.folder / name, lambda f: f.write(blob))
+            rundir.atomic_write(self.folder / name, lambda f: f.write(blob))
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -153,13 +137,13 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
                  distributed.world(), distributed.world())  # fmt: skip
     if resume is None:
         OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
-        st.manifest = runtime.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
+        st.manifest = rundir.new_manifest(name, cfg.tag or name, run, cfg.seed, device)
     else:
         state = resume["train_state"]
         log.info("resuming from last.pt: epoch %d, step %d", state["epoch"], state["step"])
-        st.manifest = json.loads((folder / "manifest.json").read_text())
+        st.manifest = json.loads(rundir.manifest_path(folder).read_text())
         st.manifest.setdefault("resumed", []).append(
-            {"at": runtime.now(), "epoch": state["epoch"], "step": state["step"]}
+            {"at": rundir.now(), "epoch": state["epoch"], "step": state["step"]}
         )
         st.manifest.update(status="running", device=str(device))
     if distributed.world() > 1:
@@ -238,8 +222,8 @@ def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, P
     """Make ``folder`` ours: refuse, move aside, or prepare a resume. Returns (resume, moved)."""
     resume = moved = None
     if folder.exists():
-        runtime.check_unlocked(folder)
-    used = folder.exists() and (ck.has_results(folder) or (folder / "manifest.json").exists())
+        rundir.check_unlocked(folder)
+    used = folder.exists() and (ck.has_results(folder) or rundir.manifest_path(folder).exists())
     wants_resume = bool(cfg.stage.get("resume", False))
     if used and not wants_resume and _unfinished(folder) and _ask_resume(folder):
         wants_resume = True
@@ -259,9 +243,9 @@ def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, P
         raise StageError(f"'{folder}' already holds results; {hint}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        runtime.lock_folder(folder)
+        rundir.lock_folder(folder)
     except (NotADirectoryError, PermissionError, FileExistsError, OSError) as exc:
-        if isinstance(exc, runtime.FolderLocked):
+        if isinstance(exc, rundir.FolderLocked):
             raise
         raise StageError(f"cannot write the stage folder '{folder}': {exc.strerror}") from None
     if resume is not None:
@@ -272,14 +256,14 @@ def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, P
 def _unfinished(folder: Path) -> bool:
     """A folder whose run stopped before its last epoch and left a resumable last.pt."""
     try:
-        status = json.loads((folder / "manifest.json").read_text()).get("status")
+        status = json.loads(rundir.manifest_path(folder).read_text()).get("status")
     except (OSError, ValueError):
         return False
     return status != "completed" and (folder / "last.pt").is_file()
 
 
 def _progress(folder: Path) -> str:
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads(rundir.manifest_path(folder).read_text())
     epoch = manifest.get("checkpoints", {}).get("last", {}).get("epoch")
     return f"status {manifest.get('status')}, last checkpoint at epoch {epoch}"
 
@@ -314,21 +298,12 @@ def _resume_point(cfg: DictConfig, folder: Path) -> dict:
 
 def _differences(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two configs, except those a resume may change."""
-    flat = [_flatten(OmegaConf.to_container(c, resolve=True)) for c in (old, new)]
+    flat = [rundir.flatten(OmegaConf.to_container(c, resolve=True), skip=("hydra",))
+            for c in (old, new)]  # fmt: skip
     keys = {k for k in flat[0].keys() | flat[1].keys() if not k.startswith("logger.")}
     keys -= _NOT_COMPARED
     pairs = {k: (flat[0].get(k), flat[1].get(k)) for k in sorted(keys)}
     return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key != "hydra":
-            out.update(_flatten(value, f"{prefix}{key}."))
-    return out
 
 
 def _truncate_metrics(path: Path, state: dict) -> None:
@@ -337,15 +312,15 @@ def _truncate_metrics(path: Path, state: dict) -> None:
         return
     done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
     rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["epoch"] <= done]
-    ck.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+    rundir.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
 
 
 def finish(st: Stage, summary: dict) -> float | None:
     """Write the final metrics, complete the manifest, print the summary table."""
     if not st.main:
         return summary.get("best_val_acc")
-    runtime.write_json(st.folder / "metrics.json", summary)
-    st.manifest.update(status="completed", finished=runtime.now())
+    rundir.write_json(st.folder / "metrics.json", summary)
+    st.manifest.update(status="completed", finished=rundir.now())
     st.write_manifest()
     title = f"{st.cfg.stage.name} · {st.folder}"
     console.print_summary(title, {k: v for k, v in summary.items() if k != "stage"})
@@ -356,7 +331,7 @@ def fail(st: Stage, exc: BaseException) -> None:
     """Record a failure or an interruption in the manifest; checkpoints already written stay."""
     stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
     reason = str(exc) or type(exc).__name__
-    st.manifest.update(status="interrupted" if stopped else "failed", finished=runtime.now(),
+    st.manifest.update(status="interrupted" if stopped else "failed", finished=rundir.now(),
                        error=reason)  # fmt: skip
     st.write_manifest()
     if not (stopped or isinstance(exc, USER_ERRORS)):
@@ -366,5 +341,5 @@ def fail(st: Stage, exc: BaseException) -> None:
 def close(st: Stage) -> None:
     """End the tracker run, release the folder's lock, flush the log file (safe to call twice)."""
     st.tracker.close(st.manifest.get("status", "failed"))
-    runtime.unlock_folder(st.folder)
+    rundir.unlock_folder(st.folder)
     runtime.close_logging()

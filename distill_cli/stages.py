@@ -15,25 +15,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import distillation, distributed, runtime
+from distill_cli import distributed, rundir, runtime
 from distill_cli.data import (
     BatchLoader,
+    ImageFiles,
+    StreamLoader,
     TransferLoader,
     channel_stats,
     convert,
     labels_per_class,
     split_indices,
 )
-from distill_cli.evaluation import evaluate_run, export_run
+from distill_cli.eval_stage import evaluate_run, export_run
+from distill_cli.kd import distillation
+from distill_cli.kd.teacher_cache import TeacherCache
 from distill_cli.models import build_model, count_params
 from distill_cli.stagefolder import Stage, StageError, finish, running
-from distill_cli.streaming import ImageFiles, StreamLoader
 from distill_cli.training import (
     build_optimizer,
     build_scheduler,
@@ -112,13 +116,13 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 "image), but this image folder streams; set dataset.stream=false"
             )
         use_cache = cfg.stage.teacher_cache and not data.streamed
-        cache_at = distillation.cache_location(st, data.info) if use_cache else None
+        cache_at = cache_location(st, data.info) if use_cache else None
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
         summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
         summary["teacher_params"] = count_params(teacher)
         if goal.cache is not None:
-            summary["teacher_cache_hit_rate"] = distillation.save_cache(st, goal.cache)
+            summary["teacher_cache_hit_rate"] = save_cache(st, goal.cache)
         return _finish(st, student, summary)
 
 
@@ -375,3 +379,31 @@ def _finish(st: Stage, model, summary: dict) -> float | None:
         "epochs": st.cfg.stage.epochs, "seed": st.cfg.seed, **summary,
     }  # fmt: skip
     return finish(st, summary)
+
+
+def cache_location(st: Stage, info: dict) -> tuple[Path, dict]:
+    """Where the teacher cache of this stage lives and what its key hashes."""
+    cfg = st.cfg
+    parts = {
+        "teacher_sha256": st.manifest["parent"]["sha256"],
+        "indices_sha256": st.manifest["data"]["indices_sha256"],
+        "dataset": OmegaConf.to_container(cfg.dataset), "mean": info["mean"], "std": info["std"],
+        "aug_views": cfg.stage.aug_views, "device": st.device.type,
+        "amp": [cfg.device.amp, cfg.device.amp_dtype], "channels_last": cfg.device.channels_last,
+        "torch": torch.__version__,
+    }  # fmt: skip
+    return st.run_dir / ".teacher_cache", parts
+
+
+def save_cache(st: Stage, cache: TeacherCache) -> float | None:
+    """Write the cache for later jobs, record its statistics; returns the hit rate.
+
+    Under torchrun process 0 writes what it holds: the entries it loaded and those of its rows.
+    """
+    if st.main:
+        cache.save(rundir.atomic_write)
+    st.manifest["teacher_cache"] = cache.stats()
+    st.write_manifest()
+    log.info("teacher cache: %d hits, %d misses, %d entries loaded from %s", cache.hits,
+             cache.misses, cache.loaded, cache.path)  # fmt: skip
+    return cache.stats()["hit_rate"]

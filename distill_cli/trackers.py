@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distill_cli.rundir import flatten
+
 log = logging.getLogger("distill_cli")
 _MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # anything else: FAILED
 
@@ -100,7 +102,7 @@ class MLflowTracker(Tracker):
                     experiment_id = self._experiment(experiment, tracking_uri)
                     run_id = self.client.create_run(experiment_id, run_name=run_name,
                                                     tags=tags or {}).info.run_id  # fmt: skip
-                    params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+                    params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
                     for i in range(0, len(params), 100):  # at most 100 params per batch
                         self.client.log_batch(run_id, params=params[i : i + 100])
                     self.client.log_dict(run_id, config, "config.yaml")
@@ -170,16 +172,6 @@ def _scalars(row: dict) -> dict[str, float]:
         for k, v in row.items()
         if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"kd": {"temperature": 4}}`` -> ``{"kd.temperature": 4}``; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
 
 
 def _yaml(config: dict) -> str:

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -183,31 +184,12 @@ def fit(
     """
     end = first_epoch + epochs
     total_epochs = total_epochs or end - 1
-    best = best or {}
-    state = {"best_epoch": best.get("best_epoch"), "best_val_acc": best.get("best_val_acc"),
-             "last_val_acc": None, "seen": 0, "train_time": 0.0}  # fmt: skip
-    start, tally = first_epoch, None
     main = distributed.is_main()
+    state = _fit_state(best or {})
+    start, tally = first_epoch, None
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng(resume["rng"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        state.update({k: resume[k] for k in state})
-        start = resume["epoch"] if resume["step"] else resume["epoch"] + 1
-        tally = Tally(**resume["tally"]) if resume["step"] else None
-        if tally is not None and not main:  # the saved sums are every process's: count them once
-            tally = Tally(tally.lr, tally.step, sums=dict.fromkeys(tally.sums, 0.0))
-
-    def train_state(epoch: int, tally: Tally | None) -> dict:
-        return {
-            "epoch": epoch, "step": tally.step if tally else 0,
-            "tally": asdict(tally) if tally else None, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _get_rng(),
-            "scaler": scaler.state_dict() if scaler is not None else None, **state,
-        }  # fmt: skip
-
+        start, tally = _resume(resume, optimizer, scheduler, scaler, state, main)
+    train_state = partial(_train_state, optimizer, scheduler, scaler, state)
     steps = len(train) * (end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
     saver = Saver(save if main else None, save_every_s)
     with StageProgress(steps, "training", main) as progress, StopRequest() as stop:
@@ -233,21 +215,12 @@ def fit(
             distributed.average_buffers(model)
             validated = val is not None and (epoch % val_every == 0 or epoch == end - 1)
             if validated:
-                scores = evaluate(model, val, amp)
-                row.update(val_acc=scores["top1"], val_top5=scores["top5"], val_nll=scores["nll"])
-                state["last_val_acc"] = scores["top1"]
-            improved = val is None or (
-                validated
-                and (state["best_val_acc"] is None or state["last_val_acc"] > state["best_val_acc"])
-            )
+                _validate(model, val, amp, row, state)
             # The row first, then best, then last: last.pt marks what is done, and a resume drops
             # rows past its epoch, so a crash anywhere in between repeats the epoch identically.
             if main:
-                with open(metrics_file, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                if on_epoch is not None:
-                    on_epoch(row)
-            if improved:
+                _append_row(metrics_file, row, on_epoch)
+            if val is None or (validated and _improved(state)):
                 state.update(best_epoch=epoch, best_val_acc=state["last_val_acc"])
                 saver.best(model, epoch, state["last_val_acc"])
             stopping = distributed.any_rank(stop.signal is not None)
@@ -257,6 +230,74 @@ def fit(
             tally = None
             if stopping:
                 raise Interrupted(f"stopped by {stop.signal} after epoch {epoch}")
+    return _summary(state)
+
+
+# --- fit's policies: resume, training state, validation, the metrics file, the summary --------
+
+
+def _fit_state(best: dict) -> dict:
+    """What fit carries across epochs and into last.pt: the best so far and the throughput."""
+    return {"best_epoch": best.get("best_epoch"), "best_val_acc": best.get("best_val_acc"),
+            "last_val_acc": None, "seen": 0, "train_time": 0.0}  # fmt: skip
+
+
+def _resume(
+    resume: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None, state: dict, main: bool,
+) -> tuple[int, Tally | None]:  # fmt: skip
+    """Restore a saved training state; return the epoch to continue and its tally if mid-epoch."""
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    set_rng(resume["rng"])
+    if scaler is not None and resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    state.update({k: resume[k] for k in state})
+    start = resume["epoch"] if resume["step"] else resume["epoch"] + 1
+    tally = Tally(**resume["tally"]) if resume["step"] else None
+    if tally is not None and not main:  # the saved sums are every process's: count them once
+        tally = Tally(tally.lr, tally.step, sums=dict.fromkeys(tally.sums, 0.0))
+    return start, tally
+
+
+def _train_state(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None, state: dict, epoch: int, tally: Tally | None,
+) -> dict:  # fmt: skip
+    """The training state last.pt carries: enough to continue exactly, mid-epoch too."""
+    return {
+        "epoch": epoch, "step": tally.step if tally else 0,
+        "tally": asdict(tally) if tally else None, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": _get_rng(),
+        "scaler": scaler.state_dict() if scaler is not None else None, **state,
+    }  # fmt: skip
+
+
+def _validate(
+    model: torch.nn.Module, val: Iterable, amp: contextlib.AbstractContextManager | None,
+    row: dict, state: dict,
+) -> None:  # fmt: skip
+    """Score the validation set into the epoch's row and the fit state."""
+    scores = evaluate(model, val, amp)
+    row.update(val_acc=scores["top1"], val_top5=scores["top5"], val_nll=scores["nll"])
+    state["last_val_acc"] = scores["top1"]
+
+
+def _improved(state: dict) -> bool:
+    """Whether the epoch just validated beats the best so far."""
+    return state["best_val_acc"] is None or state["last_val_acc"] > state["best_val_acc"]
+
+
+def _append_row(metrics_file: Path, row: dict, on_epoch: Callable[[dict], None] | None) -> None:
+    """Add the epoch's row to metrics.jsonl, then hand it to the tracker."""
+    with open(metrics_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if on_epoch is not None:
+        on_epoch(row)
+
+
+def _summary(state: dict) -> dict:
+    """What fit returns: the best and last validation accuracy, time and throughput."""
     return {
         "best_epoch": state["best_epoch"],
         "best_val_acc": state["best_val_acc"],
@@ -349,30 +390,8 @@ def _train_epoch(
         if step <= done:
             tick = time.perf_counter()
             continue
-        with amp or contextlib.nullcontext():
-            logits, parts = loss_fn(model, x, y)
-        loss = parts["loss"]
-        finite = bool(torch.isfinite(loss))
-        if distributed.any_rank(not finite):  # every process stops here, before the backward
-            value = loss.item() if not finite else "not finite in another process"
-            raise TrainingError(
-                f"the loss became {value} at epoch {epoch}, step {step}; the last good "
-                "checkpoint is kept. Usual causes: a learning rate too high (lower optimizer.lr), "
-                "or float16 overflow (device.amp_dtype=bfloat16 or device.amp=false)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # float16: scale the loss so small gradients do not vanish
-            scaler.scale(loss).backward()
-            if clip_grad_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients
-                parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm is not None:
-                parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
-            optimizer.step()
+        logits, parts = _step(model, x, y, loss_fn, optimizer, amp, scaler, clip_grad_norm,
+                              f"epoch {epoch}, step {step}")  # fmt: skip
         scheduler.step()
         for name, value in parts.items():
             tally.sums[name] = tally.sums.get(name, 0.0) + value.item() * len(y)
@@ -388,6 +407,42 @@ def _train_epoch(
                         tally.count / tally.seconds)  # fmt: skip
         if distributed.any_rank(stop.signal is not None):
             raise _Stopped
+
+
+def _step(
+    model, x, y, loss_fn, optimizer, amp, scaler: torch.amp.GradScaler | None,
+    clip_grad_norm: float | None, where: str,
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """One optimizer step under autocast; float16 losses scaled, gradients clipped if asked.
+
+    Raises:
+        TrainingError: the loss is not finite, in this process or another (before the backward).
+    """
+    with amp or contextlib.nullcontext():
+        logits, parts = loss_fn(model, x, y)
+    loss = parts["loss"]
+    finite = bool(torch.isfinite(loss))
+    if distributed.any_rank(not finite):  # every process stops here, before the backward
+        value = loss.item() if not finite else "not finite in another process"
+        raise TrainingError(
+            f"the loss became {value} at {where}; the last good "
+            "checkpoint is kept. Usual causes: a learning rate too high (lower optimizer.lr), "
+            "or float16 overflow (device.amp_dtype=bfloat16 or device.amp=false)"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # float16: scale the loss so small gradients do not vanish
+        scaler.scale(loss).backward()
+        if clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
+            parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad_norm is not None:
+            parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
+        optimizer.step()
+    return logits, parts
 
 
 def _reduced(tally: Tally) -> Tally:

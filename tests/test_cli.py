@@ -118,3 +118,13 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
     assert (jobs / "dataset.shots=2" / "best.pt").is_file()
     failed = json.loads((jobs / "dataset.shots=5000" / "manifest.json").read_text())
     assert failed["status"] == "failed"
+
+
+def test_basic_sweep_jobs():
+    """Guards the one use of Hydra internals (BasicSweeper.split_arguments) against upgrades."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from distill_cli.cli import basic_sweep_jobs
+
+    parsed = OverridesParser.create().parse_overrides(["a=1,2", "b=3"])
+    assert basic_sweep_jobs(parsed) == [["a=1", "b=3"], ["a=2", "b=3"]]

@@ -230,7 +230,7 @@ def test_real_data(name, train, shape):
 
 
 def test_glyphs_entries_call_make_glyphs(monkeypatch):
-    glyphs = pytest.importorskip("distill_cli.glyphs")
+    glyphs = pytest.importorskip("distill_cli.data.glyphs")
     calls = []
 
     def fake(domain, train):
@@ -245,7 +245,7 @@ def test_glyphs_entries_call_make_glyphs(monkeypatch):
 
 
 def test_glyphs_real_split():
-    pytest.importorskip("distill_cli.glyphs")
+    pytest.importorskip("distill_cli.data.glyphs")
     split = load_split("glyphs_target", "ignored", train=False, download=False)
     assert split.x.dtype == torch.uint8 and split.x.ndim == 4 and split.x.shape[1] == 3
     assert split.y.dtype == torch.int64 and len(split.y) == len(split.x)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_cli import data as data_module
 from distill_cli.config import ConfigError, check
 from distill_cli.data import load_split
-from distill_cli.datacache import CACHE_DIR, cache_paths
+from distill_cli.data import subsets as data_module
+from distill_cli.data.cache import CACHE_DIR, cache_paths
 from distill_cli.stages import run_stage
 
 

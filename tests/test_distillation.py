@@ -145,7 +145,7 @@ def test_interrupted_crd_resumes_to_the_same_weights_and_memory_bank(
     import os
     import signal
 
-    from distill_cli import distillation
+    from distill_cli.kd import distillation
     from distill_cli.training import Interrupted
 
     args = ("kd=crd", "stage.epochs=3", "device.deterministic=true")

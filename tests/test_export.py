@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill_cli.export import (
+from distill_cli.evaluation.export import (
     ExportError,
     card_path,
     export_model,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_cli.feature_kd import (
+from distill_cli.kd.features import (
     CRD,
     FEATURE_METHODS,
     FeatureDistiller,

@@ -2,7 +2,7 @@
 
 import torch
 
-from distill_cli.glyphs import CLASSES, glyph_designs, make_glyphs
+from distill_cli.data.glyphs import CLASSES, glyph_designs, make_glyphs
 
 
 def test_shapes_types_and_determinism():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_cli.losses import (
+from distill_cli.kd.losses import (
     KD_METHODS,
     LOGIT_METHODS,
     dist_loss,

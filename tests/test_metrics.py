@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill_cli.metrics import (
+from distill_cli.evaluation.metrics import (
     agreement,
     classification_metrics,
     collect_logits,

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from distill_cli.models import MODELS, build_model, count_params
-from distill_cli.torchvision_models import TORCHVISION_MODELS
+from distill_cli.models.torchvision_models import TORCHVISION_MODELS
 
 NUM_CLASSES = 5
 # (in_channels, image_size): RGB CIFAR size, grey MNIST size, and a tiny grey input.

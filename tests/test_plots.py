@@ -8,7 +8,12 @@ import sys
 import pytest
 import torch
 
-from distill_cli.plots import confusion_counts, confusion_matrix, learning_curves, tradeoff
+from distill_cli.evaluation.plots import (
+    confusion_counts,
+    confusion_matrix,
+    learning_curves,
+    tradeoff,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +80,9 @@ def test_confusion_counts_by_hand():
 
 
 def test_import_is_cheap():
-    code = "import sys, distill_cli.plots; print({'matplotlib', 'torch'} & set(sys.modules))"
+    code = (
+        "import sys, distill_cli.evaluation.plots; "
+        "print({'matplotlib', 'torch'} & set(sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"

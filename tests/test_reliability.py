@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distill_cli import checkpoint as ck
-from distill_cli import runtime
+from distill_cli import rundir
 from distill_cli.config import check
 from distill_cli.stages import StageError, run_stage
 from distill_cli.training import TrainingError
@@ -154,21 +154,21 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, mak
     folder = tmp_path / "outputs" / "r" / "pretrain"
     folder.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from distill_cli.runtime import lock_folder; "
+        [sys.executable, "-c", "import sys, time; from distill_cli.rundir import lock_folder; "
          f"lock_folder(__import__('pathlib').Path({str(folder)!r})); print('locked', flush=True); "
          "time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
     try:
-        with pytest.raises(runtime.FolderLocked, match=r"another distill-cli process \(pid \d+\)"):
+        with pytest.raises(rundir.FolderLocked, match=r"another distill-cli process \(pid \d+\)"):
             run_stage(make_cfg(*RUN[1:], "overwrite=true"))
         assert folder.exists()  # overwrite=true did not move a folder in use
     finally:
         holder.kill()
         holder.wait()
-    runtime.lock_folder(folder)  # the kernel freed the lock when its owner died
-    runtime.unlock_folder(folder)
+    rundir.lock_folder(folder)  # the kernel freed the lock when its owner died
+    rundir.unlock_folder(folder)
 
 
 def test_checkpoint_changed_after_writing_fails_its_sha256(tmp_path, make_cfg):

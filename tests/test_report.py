@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill_cli.aggregate import (
+from distill_cli.config import REPORT_METRICS, ConfigError, check
+from distill_cli.evaluation.aggregate import (
     Stat,
     choose_baselines,
     collect_jobs,
@@ -22,8 +23,7 @@ from distill_cli.aggregate import (
     partial_keys,
     summarize,
 )
-from distill_cli.config import REPORT_METRICS, ConfigError, check
-from distill_cli.report import METRICS, ReportError, report_run
+from distill_cli.evaluation.report import METRICS, ReportError, report_run
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
 
@@ -297,7 +297,8 @@ def test_bad_input_is_one_line(make_cfg, tmp_path):
 def test_report_never_imports_torch(run_dir):
     cfg = {"out_dir": str(run_dir.parent), "run": "r", "stage": {"metrics": ["top1"], "runs": []}}
     code = (
-        "import sys; from omegaconf import OmegaConf; from distill_cli.report import report_run; "
+        "import sys; from omegaconf import OmegaConf; "
+        "from distill_cli.evaluation.report import report_run; "
         f"report_run(OmegaConf.create({cfg!r})); print('torch' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

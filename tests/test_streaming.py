@@ -11,13 +11,14 @@ from PIL import Image
 from distill_cli.data import (
     BatchLoader,
     DataError,
+    ImageFiles,
+    StreamLoader,
     channel_stats,
     convert,
     load_split,
     select_classes,
 )
 from distill_cli.stages import run_stage
-from distill_cli.streaming import ImageFiles, StreamLoader
 
 
 def _folder(root, per_class: int = 5, size=(9, 7)) -> None:

@@ -9,8 +9,8 @@ import torch
 from distill_cli import checkpoint as ck
 from distill_cli.config import check
 from distill_cli.data import BatchLoader, TransferLoader
+from distill_cli.kd.teacher_cache import TeacherCache, cache_key
 from distill_cli.stages import run_stage
-from distill_cli.teacher_cache import TeacherCache, cache_key
 from tests.conftest import TINY
 
 TGT = ["dataset=glyphs_target", "dataset.shots=3", "model=cnn", "stage.epochs=3",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill_cli.model_interface import DistillModel, init_conv_bn
+from distill_cli.models.interface import DistillModel, init_conv_bn
 
 
 class BasicBlock(nn.Module):

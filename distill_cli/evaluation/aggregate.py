@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from distill_cli.rundir import MANIFEST, flatten, read_json, read_manifest
+
 NOT_JOBS = ("eval", "export", "report")  # stages whose folders hold no trained model
 REPLICATE_KEYS = ("seed", "dataset.subset_seed")
 BOOKKEEPING_KEYS = (
@@ -153,8 +155,8 @@ def collect_jobs(run_dir: Path, prefix: str = "") -> list[Job]:
 
     ``prefix`` goes before each job's folder name (a run's name, for runs reported together).
     """
-    evaluated = _read_json(run_dir / "eval" / "metrics.json") or {}
-    folders = {p.parent for name in ("config.yaml", "manifest.json") for p in run_dir.rglob(name)}
+    evaluated = read_json(run_dir / "eval" / "metrics.json") or {}
+    folders = {p.parent for name in ("config.yaml", MANIFEST) for p in run_dir.rglob(name)}
     folders = {
         f
         for f in folders
@@ -170,12 +172,12 @@ def read_job(folder: Path, run_dir: Path, evaluated: dict, prefix: str = "") -> 
     Returns None for the folders of eval, export and report, which hold no trained model.
     """
     rel = folder.relative_to(run_dir).as_posix()
-    manifest = _read_json(folder / "manifest.json") or {}
-    config = _flatten(_read_yaml(folder / "config.yaml") or {})
+    manifest = read_manifest(folder) or {}
+    config = flatten(_read_yaml(folder / "config.yaml") or {})
     stage = manifest.get("stage") or config.get("stage.name")
     if stage in NOT_JOBS or rel.split("/")[0] in NOT_JOBS:
         return None
-    final = _read_json(folder / "metrics.json")
+    final = read_json(folder / "metrics.json")
     history = _history(folder / "metrics.jsonl")
     status = manifest.get("status") or "no manifest"
     job = Job(
@@ -232,13 +234,6 @@ def _relative(path: str | None, run_dir: Path) -> str | None:
         return str(folder)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
@@ -251,15 +246,6 @@ def _history(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
 
 
 # --- configurations and baselines ---------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill_cli.model_interface import DistillModel, init_conv_bn
+from distill_cli.models.interface import DistillModel, init_conv_bn
 
 
 def _global_pool() -> list[nn.Module]:

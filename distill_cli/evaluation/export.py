@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill_cli.checkpoint import atomic_write, sha256
+from distill_cli.rundir import atomic_write, sha256
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 18  # the oldest opset the dynamo exporter translates natively; 17 needs conversion

@@ -6,12 +6,11 @@ The transfer set adds unlabelled images to the labelled few-shot subset (their l
 only the distillation terms read them). The objective combines the label cross-entropy, a logit
 term (the ``kd`` method, or Hinton KD beside a feature method) and a feature term whose
 adapters train with the student but never enter its checkpoint. Like ``stages``, this module
-reads the config; the losses below it take plain arguments.
+reads the config; the losses beside it take plain arguments.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -22,18 +21,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli.data import convert, load_split, select_classes, unlabeled_indices
-from distill_cli.feature_kd import FEATURE_METHODS, FeatureDistiller, feature_shapes
-from distill_cli.losses import UNLABELLED, distill_loss
-from distill_cli.stagefolder import Stage, StageError
-from distill_cli.teacher_cache import TeacherCache, cache_key
+from distill_cli import rundir
+from distill_cli.config import StageError
+from distill_cli.data import convert, load_dataset, unlabeled_indices
+from distill_cli.kd.features import FEATURE_METHODS, FeatureDistiller, feature_shapes
+from distill_cli.kd.losses import UNLABELLED, distill_loss
+from distill_cli.kd.teacher_cache import TeacherCache, cache_key
 
 log = logging.getLogger("distill_cli")
 
-__all__ = [
-    "UNLABELLED", "Objective", "cache_location", "objective", "save_cache", "source_dataset",
-    "unlabeled_images",
-]  # fmt: skip
+__all__ = ["UNLABELLED", "Objective", "objective", "source_dataset", "unlabeled_images"]
 
 
 def unlabeled_images(
@@ -60,12 +57,7 @@ def unlabeled_images(
     if transfer in ("source", "source+target"):
         source = source_dataset(teacher_path, cfg.dataset.name)
         source_name = source["name"]
-        split = load_split(
-            source["name"], source.get("root") or "data", True, source.get("download", False),
-            source.get("bad_images", "error"),
-        )  # fmt: skip
-        if source.get("classes") is not None:
-            split = select_classes(split, list(source["classes"]))
+        split = load_dataset(source, True, cfg.out_dir)
         idx = unlabeled_indices(len(split.x), torch.empty(0, dtype=torch.int64), limit, seed)
         parts.append(convert(split.x[idx], x.shape[-1], x.shape[1]))
         used["source"] = idx.tolist()
@@ -87,15 +79,14 @@ def source_dataset(teacher_path: str | Path, target: str) -> dict:
         seen.append(dataset["name"])
         if dataset["name"] != target:
             return dataset
-        manifest = path.parent / "manifest.json"
-        parent = json.loads(manifest.read_text()).get("parent") if manifest.exists() else None
+        parent = rundir.parent_path(path.parent)
         if not parent:
             raise StageError(
                 f"stage.transfer_set needs the teacher's source dataset, but its lineage "
                 f"({' <- '.join(seen)}) has only {target}; use stage.transfer_set=labeled or "
                 "target, or a teacher pretrained on another dataset"
             )
-        path = Path(parent["path"])
+        path = Path(parent)
 
 
 class Objective(NamedTuple):
@@ -129,7 +120,7 @@ def objective(
             the teacher cache its entry.
         shape: (channels, height, width) of the images.
         device: Where the adapters live.
-        cache_at: (file, key parts) of the teacher cache from :func:`cache_location`; None runs
+        cache_at: (file, key parts) of the teacher cache from ``stages.cache_location``; None runs
             the teacher on every batch.
     """
     kd = OmegaConf.to_container(cfg.kd)
@@ -181,20 +172,6 @@ def objective(
     return Objective(loss_fn, distiller, cache)
 
 
-def cache_location(st: Stage, info: dict) -> tuple[Path, dict]:
-    """Where the teacher cache of this stage lives and what its key hashes."""
-    cfg = st.cfg
-    parts = {
-        "teacher_sha256": st.manifest["parent"]["sha256"],
-        "indices_sha256": st.manifest["data"]["indices_sha256"],
-        "dataset": OmegaConf.to_container(cfg.dataset), "mean": info["mean"], "std": info["std"],
-        "aug_views": cfg.stage.aug_views, "device": st.device.type,
-        "amp": [cfg.device.amp, cfg.device.amp_dtype], "channels_last": cfg.device.channels_last,
-        "torch": torch.__version__,
-    }  # fmt: skip
-    return st.run_dir / ".teacher_cache", parts
-
-
 def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):
     """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``.
 
@@ -212,17 +189,3 @@ def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):
     folder, parts = cache_at
     key = cache_key({**parts, "outputs": ["logits", *names]})
     return TeacherCache(teacher_outputs, train.num_samples, folder / f"{key}.pt", key, device)
-
-
-def save_cache(st: Stage, cache: TeacherCache) -> float | None:
-    """Write the cache for later jobs, record its statistics; returns the hit rate.
-
-    Under torchrun process 0 writes what it holds: the entries it loaded and those of its rows.
-    """
-    if st.main:
-        cache.save(ck.atomic_write)
-    st.manifest["teacher_cache"] = cache.stats()
-    st.write_manifest()
-    log.info("teacher cache: %d hits, %d misses, %d entries loaded from %s", cache.hits,
-             cache.misses, cache.loaded, cache.path)  # fmt: skip
-    return cache.stats()["hit_rate"]

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from distill_cli.checkpoint import atomic_write
-from distill_cli.datasets import Arrays
+from distill_cli.rundir import atomic_write
+from distill_cli.data.readers import Arrays
 
 log = logging.getLogger("distill_cli")
 

@@ -10,8 +10,8 @@ everything below it builds one from plain arguments::
     twin = build_model(**model.config)              # the config is what a checkpoint stores
 
 Parameters whose name starts with ``head.`` are the classifier; all others are the backbone.
-The interface lives in ``model_interface``; the architectures in ``resnets`` (CIFAR ResNets,
-Wide ResNets), ``convnets`` (VGG, MobileNetV2, ShuffleNetV2), ``sequence_models`` (ViT, row
+The interface lives in ``interface``; the architectures in ``resnets`` (CIFAR ResNets,
+Wide ResNets), ``convnets`` (VGG, MobileNetV2, ShuffleNetV2), ``sequence`` (ViT, row
 LSTM) and ``torchvision_models`` (ImageNet models, optionally pretrained through ``weights``).
 """
 
@@ -22,11 +22,11 @@ from functools import partial
 
 from torch import nn
 
-from distill_cli.convnets import VGG, MobileNetV2, ShuffleNetV2
-from distill_cli.model_interface import DistillModel
-from distill_cli.resnets import CifarResNet, WideResNet
-from distill_cli.sequence_models import LSTMRows, ViT
-from distill_cli.torchvision_models import TORCHVISION_MODELS, TorchvisionNet
+from distill_cli.models.convnets import VGG, MobileNetV2, ShuffleNetV2
+from distill_cli.models.interface import DistillModel
+from distill_cli.models.resnets import CifarResNet, WideResNet
+from distill_cli.models.sequence import LSTMRows, ViT
+from distill_cli.models.torchvision_models import TORCHVISION_MODELS, TorchvisionNet
 
 
 class SmallCNN(DistillModel):

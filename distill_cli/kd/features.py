@@ -19,22 +19,13 @@ exported. Losses are computed in float32 with autocast off: Gram matrices and CR
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FEATURE_METHODS: tuple[str, ...] = ("fitnet", "at", "sp", "rkd", "pkt", "crd")
-
-# method -> {option: default}; None means "chosen from the shapes"
-OPTIONS: dict[str, dict[str, object]] = {
-    "fitnet": {"student_layer": None, "teacher_layer": None},
-    "at": {"p": 2.0},
-    "sp": {},
-    "rkd": {"distance_weight": 25.0, "angle_weight": 50.0},
-    "pkt": {},
-    "crd": {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5},
-}
 _WITHOUT_MAPS = "use kd=sp, rkd, pkt, crd or a logit method (kd, logit_mse, dkd, dist)"
 
 
@@ -239,6 +230,88 @@ def _hint_layer(side: str, shapes: dict[str, tuple[int, ...]], name: object) -> 
     return str(name)
 
 
+# --- the methods: each one's options, features, adapters and loss in one place -----------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One feature method, registered in ``METHODS``.
+
+    Attributes:
+        options: Option -> default; None means "chosen from the shapes".
+        setup: ``(distiller, student_shapes, teacher_shapes, num_samples)`` -> the student's and
+            the teacher's feature names; creates the method's adapters on the distiller.
+        loss: ``(distiller, student_feats, teacher_feats, index)`` -> the unweighted loss.
+        needs_maps: Whether both models must have convolutional feature maps.
+    """
+
+    options: dict[str, object]
+    setup: Callable[..., tuple[list[str], list[str]]]
+    loss: Callable[..., Tensor]
+    needs_maps: bool = False
+
+
+def _fitnet_setup(d, s_shapes, t_shapes, num_samples):
+    s_name = _hint_layer("student", s_shapes, d.options["student_layer"])
+    t_name = _hint_layer("teacher", t_shapes, d.options["teacher_layer"])
+    s_channels, t_channels = s_shapes[s_name][0], t_shapes[t_name][0]
+    d.adapter = nn.Sequential(
+        nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels)
+    )
+    return [s_name], [t_name]
+
+
+def _fitnet(d, s, t, index):
+    hint = d.adapter(s[0])
+    size = (min(hint.shape[2], t[0].shape[2]), min(hint.shape[3], t[0].shape[3]))
+    return fitnet_loss(F.adaptive_avg_pool2d(hint, size), F.adaptive_avg_pool2d(t[0], size))
+
+
+def _last_maps(d, s_shapes, t_shapes, num_samples):
+    s_maps, t_maps = _spatial(s_shapes), _spatial(t_shapes)
+    n = min(len(s_maps), len(t_maps))
+    return s_maps[-n:], t_maps[-n:]
+
+
+def _last_map(d, s_shapes, t_shapes, num_samples):
+    return _spatial(s_shapes)[-1:] or ["pooled"], _spatial(t_shapes)[-1:] or ["pooled"]
+
+
+def _pooled(d, s_shapes, t_shapes, num_samples):
+    return ["pooled"], ["pooled"]
+
+
+def _crd_setup(d, s_shapes, t_shapes, num_samples):
+    opts = d.options
+    d.crd = CRD(
+        math.prod(s_shapes["pooled"]),
+        math.prod(t_shapes["pooled"]),
+        num_samples,
+        feat_dim=int(opts["feat_dim"]),
+        nce_k=int(opts["nce_k"]),
+        nce_t=float(opts["nce_t"]),
+        nce_m=float(opts["nce_m"]),
+    )
+    return _pooled(d, s_shapes, t_shapes, num_samples)
+
+
+METHODS: dict[str, Method] = {
+    "fitnet": Method({"student_layer": None, "teacher_layer": None}, _fitnet_setup, _fitnet,
+                     needs_maps=True),
+    "at": Method({"p": 2.0}, _last_maps, lambda d, s, t, i: at_loss(s, t, p=float(d.options["p"])),
+                 needs_maps=True),
+    "sp": Method({}, _last_map, lambda d, s, t, i: sp_loss(s[0], t[0])),
+    "rkd": Method({"distance_weight": 25.0, "angle_weight": 50.0}, _pooled,
+                  lambda d, s, t, i: rkd_loss(s[0], t[0], float(d.options["distance_weight"]),
+                                              float(d.options["angle_weight"]))),
+    "pkt": Method({}, _pooled, lambda d, s, t, i: pkt_loss(s[0], t[0])),
+    "crd": Method({"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}, _crd_setup,
+                  lambda d, s, t, i: d.crd(s[0], t[0], i)),
+}  # fmt: skip
+FEATURE_METHODS: tuple[str, ...] = tuple(METHODS)
+OPTIONS: dict[str, dict[str, object]] = {name: m.options for name, m in METHODS.items()}
+
+
 class FeatureDistiller(nn.Module):
     """Adapters and state of one feature method; trained with the student, never exported.
 
@@ -285,36 +358,12 @@ class FeatureDistiller(nn.Module):
                 raise ValueError(f"unknown option '{name}' for kd={method}; valid: {valid}")
         self.method = method
         self.options = {**OPTIONS[method], **options}
-        s_maps, t_maps = _spatial(student_shapes), _spatial(teacher_shapes)
-        if method in ("fitnet", "at"):
-            _require_maps(method, s_maps, t_maps)
-        if method == "fitnet":
-            s_name = _hint_layer("student", student_shapes, self.options["student_layer"])
-            t_name = _hint_layer("teacher", teacher_shapes, self.options["teacher_layer"])
-            self.student_layers, self.teacher_layers = [s_name], [t_name]
-            s_channels, t_channels = student_shapes[s_name][0], teacher_shapes[t_name][0]
-            self.adapter = nn.Sequential(
-                nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels)
-            )
-        elif method == "at":
-            n = min(len(s_maps), len(t_maps))
-            self.student_layers, self.teacher_layers = s_maps[-n:], t_maps[-n:]
-        elif method == "sp":
-            self.student_layers = s_maps[-1:] or ["pooled"]
-            self.teacher_layers = t_maps[-1:] or ["pooled"]
-        else:
-            self.student_layers, self.teacher_layers = ["pooled"], ["pooled"]
-        if method == "crd":
-            opts = self.options
-            self.crd = CRD(
-                math.prod(student_shapes["pooled"]),
-                math.prod(teacher_shapes["pooled"]),
-                num_samples,
-                feat_dim=int(opts["feat_dim"]),
-                nce_k=int(opts["nce_k"]),
-                nce_t=float(opts["nce_t"]),
-                nce_m=float(opts["nce_m"]),
-            )
+        spec = METHODS[method]
+        if spec.needs_maps:
+            _require_maps(method, _spatial(student_shapes), _spatial(teacher_shapes))
+        self.student_layers, self.teacher_layers = spec.setup(
+            self, student_shapes, teacher_shapes, num_samples
+        )
 
     def forward(
         self,
@@ -332,20 +381,7 @@ class FeatureDistiller(nn.Module):
             return self._loss(s, t, index)
 
     def _loss(self, s: list[Tensor], t: list[Tensor], index: Tensor | None) -> Tensor:
-        opts = self.options
-        if self.method == "fitnet":
-            hint = self.adapter(s[0])
-            size = (min(hint.shape[2], t[0].shape[2]), min(hint.shape[3], t[0].shape[3]))
-            return fitnet_loss(F.adaptive_avg_pool2d(hint, size), F.adaptive_avg_pool2d(t[0], size))
-        if self.method == "at":
-            return at_loss(s, t, p=float(opts["p"]))
-        if self.method == "sp":
-            return sp_loss(s[0], t[0])
-        if self.method == "rkd":
-            return rkd_loss(s[0], t[0], float(opts["distance_weight"]), float(opts["angle_weight"]))
-        if self.method == "pkt":
-            return pkt_loss(s[0], t[0])
-        return self.crd(s[0], t[0], index)
+        return METHODS[self.method].loss(self, s, t, index)
 
 
 def feature_shapes(

@@ -20,11 +20,11 @@ import torch
 from omegaconf import DictConfig
 
 from distill_cli import checkpoint as ck
-from distill_cli import console, metrics, plots, runtime
+from distill_cli import console, rundir, runtime
 from distill_cli.config import inherit_dataset
-from distill_cli.data import BatchLoader, DataError, convert
+from distill_cli.data import BatchLoader, DataError, ImageFiles, StreamLoader, convert
+from distill_cli.evaluation import metrics, plots
 from distill_cli.stagefolder import Stage, StageError, running
-from distill_cli.streaming import ImageFiles, StreamLoader
 
 log = logging.getLogger("distill_cli")
 
@@ -59,7 +59,7 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
             path = ck.find_checkpoint(source)
             results[_tag_of(path, st.run_dir)] = _evaluate(st, path, cache)
         _relate_students(results, cache)
-        runtime.write_json(st.folder / "metrics.json", results, sort_keys=False)  # run order
+        rundir.write_json(st.folder / "metrics.json", results, sort_keys=False)  # run order
         rows = [{"tag": tag, **r} for tag, r in results.items()]
         title = f"eval · run {st.run_dir.name}"
         console.print_table(f"{title} · quality on each checkpoint's test split", QUALITY_COLUMNS,
@@ -69,7 +69,7 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
             _print_matrix(title, results)
         if s.plots:
             _plots(st, results, cache)
-        st.manifest.update(status="completed", finished=runtime.now(),
+        st.manifest.update(status="completed", finished=rundir.now(),
                            evaluated={k: r["checkpoint"] for k, r in results.items()})  # fmt: skip
         st.write_manifest()
         log.info("wrote %s", st.folder / "metrics.json")
@@ -120,10 +120,7 @@ def _budget(ckpt: dict) -> dict[str, Any]:
 
 def _parent(path: Path) -> str | None:
     """The checkpoint a stage was built from (a student's teacher), from its manifest."""
-    manifest = path.parent / "manifest.json"
-    if not manifest.is_file():
-        return None
-    parent = (json.loads(manifest.read_text()).get("parent") or {}).get("path")
+    parent = rundir.parent_path(path.parent)
     return str(Path(parent).resolve()) if parent else None
 
 
@@ -239,7 +236,7 @@ def _plots(st: Stage, results: dict, cache: dict) -> None:
 
 def export_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     """Write one checkpoint (default: the run's ``distill`` student) as ONNX or TorchScript."""
-    from distill_cli.export import card_path, export_model, write_export_card
+    from distill_cli.evaluation.export import card_path, export_model, write_export_card
 
     runtime.setup_logging(None, console.log_handler())
     run, _ = ck.resolve_run(cfg.out_dir, cfg.run, new=False)
@@ -257,7 +254,7 @@ def export_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
         info = export_model(model, target, fmt, shape, overwrite=cfg.overwrite)
     except FileExistsError:
         raise StageError(f"'{target}' exists; pass overwrite=true to replace it") from None
-    info.update(source=str(path), source_sha256=ck.sha256(path), versions=runtime.versions())
+    info.update(source=str(path), source_sha256=ck.sha256(path), versions=rundir.versions())
     names, mean, std = ckpt["class_names"], ckpt["mean"], ckpt["std"]
     write_export_card(info, card_path(target), model_config=m, class_names=names, mean=mean,
                       std=std)  # fmt: skip

@@ -4,7 +4,7 @@
 ``kd=dkd`` and ``kd=dist`` use :func:`logit_mse`, :func:`dkd_loss` and :func:`dist_loss`.
 :func:`distill_loss` weighs a method against the label cross-entropy and returns every term, so
 each can be logged on its own. Feature methods (FitNet, AT, SP, RKD, PKT, CRD) live in
-``feature_kd``.
+``features``.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
     distill-cli pretrain dataset=imagefolder dataset.root=/data/big dataset.workers=4
 
-``data.load_split`` returns a folder's images as :class:`ImageFiles` (paths, not pixels) with
-``dataset.stream=true``, or with ``dataset.stream=null`` when the decoded images would take more
-than ``dataset.max_memory_gb``. The stage layer subsets, converts and measures it like the uint8
-tensor it stands for, and :class:`StreamLoader` yields what ``data.BatchLoader`` yields for that
-tensor: the same shuffle order, crops and flips for a seed and epoch, the same normalisation.
+``subsets.load_split`` returns a folder's images as :class:`ImageFiles` (paths, not pixels)
+with ``dataset.stream=true``, or with ``dataset.stream=null`` when the decoded images would take
+more than ``dataset.max_memory_gb``. The stage layer subsets, converts and measures it like the
+uint8 tensor it stands for, and ``loaders.StreamLoader`` yields what ``loaders.BatchLoader``
+yields for that tensor: the same shuffle order, crops and flips for a seed and epoch, the same normalisation.
 Workers decode, convert and augment uint8 batches; the main process normalises them on the device.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill_cli.data import Batching, DataError, convert, crop_at
-from distill_cli.datasets import UnreadableImage, decode_image, list_imagefolder
+from distill_cli.data.images import DataError, convert, crop_at
+from distill_cli.data.readers import UnreadableImage, decode_image, list_imagefolder
 
 log = logging.getLogger("distill_cli")
 
@@ -115,7 +115,7 @@ class ImageFiles:
         """Every readable image in order, in decoded uint8 chunks (for statistics)."""
         plans = [(torch.arange(i, min(i + _CHUNK, len(self))), None, None)
                  for i in range(0, len(self), _CHUNK)]  # fmt: skip
-        batches = _decoder(self, _Plans(plans), 0)
+        batches = decoder(self, Plans(plans), 0)
         for (images, ok, errors), (idx, _, _) in zip(batches, plans, strict=True):
             self.check(ok, errors, idx)
             yield images[ok]
@@ -171,7 +171,7 @@ class _Decoder(Dataset):
         return images, ok, errors
 
 
-class _Plans:
+class Plans:
     """The plans of the next pass: the sampler of a DataLoader, which hands them to workers."""
 
     def __init__(self, plans: list[Plan] | None = None) -> None:
@@ -184,7 +184,7 @@ class _Plans:
         return len(self.plans)
 
 
-def _decoder(files: ImageFiles, plans: _Plans, padding: int, pin: bool = False,
+def decoder(files: ImageFiles, plans: Plans, padding: int, pin: bool = False,
              persistent: bool = False) -> DataLoader:  # fmt: skip
     # Its own generator: a DataLoader otherwise draws its workers' seed from the global one,
     # which would change the weights the stage initialises next.
@@ -192,57 +192,3 @@ def _decoder(files: ImageFiles, plans: _Plans, padding: int, pin: bool = False,
                       num_workers=files.workers, pin_memory=pin,
                       persistent_workers=persistent and files.workers > 0,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
-
-
-class StreamLoader(Batching):
-    """``BatchLoader``'s batches for images that stay on disk, decoded by worker processes.
-
-    Takes BatchLoader's arguments with ``x`` an :class:`ImageFiles`. The shuffle order, crop
-    offsets and flips are drawn in the main process from the generator BatchLoader uses, in the
-    same order, so both loaders give the same batches for the same images, seed and epoch.
-    """
-
-    def __init__(
-        self,
-        x: ImageFiles,
-        y: torch.Tensor,
-        batch_size: int,
-        *,
-        mean: list[float],
-        std: list[float],
-        shuffle: bool = False,
-        drop_last: bool = False,
-        crop_padding: int = 0,
-        flip: bool = False,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        channels_last: bool = False,
-    ) -> None:
-        self._setup(len(x), len(y), batch_size, mean, std, shuffle, drop_last, crop_padding, flip,
-                    seed, device, channels_last)  # fmt: skip
-        self.x, self.y = x, y.to(torch.int64).cpu()
-        # The workers start on the first pass and stay for the next ones.
-        self._plans = _Plans()
-        self._batches = _decoder(x, self._plans, crop_padding, self.device.type == "cuda", True)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen, order = self._epoch_order()
-        plans = [self._plan(order[i * self.batch_size : (i + 1) * self.batch_size], gen)
-                 for i in range(len(self))]  # fmt: skip
-        self._plans.plans = plans
-        for (images, ok, errors), (idx, _, _) in zip(self._batches, plans, strict=True):
-            self.x.check(ok, errors, idx)
-            labels = self.y[idx]
-            if errors:
-                images, labels = images[ok], labels[ok]
-            images = self._normalised(images.to(self.device, non_blocking=True))
-            yield images, labels.to(self.device, non_blocking=True)
-
-    def _plan(self, idx: torch.Tensor, gen: torch.Generator) -> Plan:
-        """Draws a batch's augmentation exactly as BatchLoader does: crop offsets, then flips."""
-        offsets = flips = None
-        if self.crop_padding > 0:
-            offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, len(idx)), generator=gen)
-        if self.flip:
-            flips = torch.rand(len(idx), generator=gen) < 0.5
-        return idx, offsets, flips

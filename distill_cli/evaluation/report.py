@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from distill_cli import console
-from distill_cli.aggregate import (
+from distill_cli.evaluation.aggregate import (
     COMPARED_STAGES,
     FROM_EVAL,
     Configuration,
@@ -34,6 +32,7 @@ from distill_cli.aggregate import (
     group,
     partial_keys,
 )
+from distill_cli.rundir import write_text
 
 log = logging.getLogger("distill_cli")
 
@@ -325,23 +324,6 @@ def _stat_fields(name: str, stat: Stat) -> dict[str, Any]:
         return None if v is None else round(v, 6)
 
     return {f"{name}_mean": plain(stat.mean), f"{name}_std": plain(stat.std), f"{name}_n": stat.n}
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically: a temporary file beside it, fsync, rename (as checkpoint)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- helpers of the stage -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pickle
 import torch
 from torch import Tensor, nn
 
-from distill_cli.model_interface import DistillModel
+from distill_cli.models.interface import DistillModel
 
 TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v3_small")
 # The classifier parameters of each torchvision model that our head replaces.

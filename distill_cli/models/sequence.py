@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill_cli.model_interface import DistillModel
+from distill_cli.models.interface import DistillModel
 
 
 class PatchEmbed(nn.Module):

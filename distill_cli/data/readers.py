@@ -144,7 +144,7 @@ def _glyphs(domain: str) -> Callable[[str, bool, bool], Arrays]:
     """Returns a reader for the built-in synthetic glyphs; root and download are ignored."""
 
     def read(root: str, train: bool, download: bool) -> Arrays:
-        from distill_cli.glyphs import make_glyphs
+        from distill_cli.data.glyphs import make_glyphs
 
         x, y, names = make_glyphs(domain, train)
         return x, y, list(names)

@@ -1,0 +1,14 @@
+"""Models: one timm-style interface, a registry by name, one module per architecture family.
+
+    distill-cli pretrain model=resnet8x4      # build_model("resnet8x4", num_classes=..., ...)
+
+``interface`` defines ``DistillModel``; ``registry`` maps names to builders; ``resnets``,
+``convnets``, ``sequence`` and ``torchvision_models`` hold the families. Nothing here reads the
+config or the data.
+"""
+
+from distill_cli.models.interface import DistillModel
+from distill_cli.models.registry import MODELS, build_model, count_params
+from distill_cli.models.torchvision_models import TORCHVISION_MODELS
+
+__all__ = ["MODELS", "TORCHVISION_MODELS", "DistillModel", "build_model", "count_params"]

@@ -88,7 +88,7 @@ USPS := dataset=usps dataset.root=$(DATA) dataset.download=false
 FEW := $(USPS) dataset.shots=10 stage.batch_size=32
 FULL := $(USPS) stage.epochs=8
 
-mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full target (~10 min)
+mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full target (~6 min)
 	$(CLI) pretrain $(M2U) $(MNIST) model=$(TEACHER) dataset.fraction=0.2 stage.epochs=3
 	$(CLI) finetune $(M2U) $(FEW) $(TEACHER_FIT) optimizer.lr=$(FINETUNE_LR)
 	$(CLI) pretrain -m $(M2U) $(FEW) $(TEACHER_FIT) model=$(TEACHER) tag=scratch_teacher \
@@ -116,7 +116,7 @@ $(M2U_TEACHER): | $(STAMP)
 	$(CLI) pretrain $(M2U) $(MNIST) model=$(TEACHER) dataset.fraction=0.2 stage.epochs=3
 	$(CLI) finetune $(M2U) $(FEW) $(TEACHER_FIT) optimizer.lr=$(FINETUNE_LR)
 
-mnist-usps-methods: $(M2U_TEACHER) ## every kd method x 2 transfer sets x 3 seeds on MNIST -> USPS
+mnist-usps-methods: $(M2U_TEACHER) ## every kd method x 2 transfer sets x 3 seeds on MNIST -> USPS (~30 min)
 	$(CLI) distill -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) tag=methods \
 	    stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 kd=$(METHODS) \
 	    stage.transfer_set=labeled,target seed=0,1,2 hydra/launcher=local device.threads=1 $(SWEEP_OK)

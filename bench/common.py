@@ -1,10 +1,15 @@
-"""What every benchmark script ends with: its settings, and one JSON document printed and saved."""
+"""What the benchmark scripts share: running the console script, settings, one JSON report."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+CLI = str(Path(sys.executable).parent / "distill-cli")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -18,3 +23,12 @@ def emit(report: dict, out: Path | None) -> None:
     print(text)
     if out:
         out.write_text(text + "\n")
+
+
+def run(out: Path, *args: str) -> float:
+    """Run the console script in ``out``; return its wall time in seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run([CLI, *args, f"out_dir={out}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: distill-cli {' '.join(args)}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start

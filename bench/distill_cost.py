@@ -20,25 +20,12 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import emit
-
-CLI = str(Path(sys.executable).parent / "distill-cli")
-
-
-def run(out: Path, *args: str) -> float:
-    """Run the console script in ``out``; return its wall time in seconds."""
-    start = time.perf_counter()
-    proc = subprocess.run([CLI, *args, f"out_dir={out}"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: distill-cli {' '.join(args)}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+from common import emit, run
 
 
 def epoch_times(folder: Path, skip: int = 0) -> list[float]:

@@ -25,16 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import emit, settings
+from common import emit, run, settings
 
-CLI = str(Path(sys.executable).parent / "distill-cli")
 SOURCE = "[bird,cat,deer,dog,frog,horse]"
 TARGET = "[airplane,automobile,ship,truck]"
 SETTINGS = {
@@ -43,15 +39,6 @@ SETTINGS = {
     "every_epoch": ["stage.save_every_s=0"],
     "old_default": ["dataset.val_per_class=500", "stage.save_every_s=0"],
 }
-
-
-def run(out: Path, *args: str) -> float:
-    """Run the console script with ``out_dir=out``; return its wall time in seconds."""
-    start = time.perf_counter()
-    proc = subprocess.run([CLI, *args, f"out_dir={out}"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: distill-cli {' '.join(args)}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def data_args(data: str, classes: str | None, shots: int | None) -> list[str]:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from distill_cli.rundir import atomic_write
 from distill_cli.data.readers import Arrays
+from distill_cli.rundir import atomic_write
 
 log = logging.getLogger("distill_cli")
 

@@ -14,10 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from distill_cli.data.images import DataError, random_crop, crop_at
-from distill_cli.data.streaming import ImageFiles, Plan, decoder, Plans
-
-
+from distill_cli.data.images import DataError, crop_at, random_crop
+from distill_cli.data.streaming import ImageFiles, Plan, Plans, decoder
 
 
 class Batching:

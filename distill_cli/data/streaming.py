@@ -6,8 +6,9 @@
 with ``dataset.stream=true``, or with ``dataset.stream=null`` when the decoded images would take
 more than ``dataset.max_memory_gb``. The stage layer subsets, converts and measures it like the
 uint8 tensor it stands for, and ``loaders.StreamLoader`` yields what ``loaders.BatchLoader``
-yields for that tensor: the same shuffle order, crops and flips for a seed and epoch, the same normalisation.
-Workers decode, convert and augment uint8 batches; the main process normalises them on the device.
+yields for that tensor: the same shuffle order, crops and flips for a seed and epoch, the same
+normalisation. Workers decode, convert and augment uint8 batches; the main process normalises
+them on the device.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class Plans:
 
 def decoder(files: ImageFiles, plans: Plans, padding: int, pin: bool = False,
              persistent: bool = False) -> DataLoader:  # fmt: skip
+    """A DataLoader whose workers decode the batches that ``plans`` lays out, in order."""
     # Its own generator: a DataLoader otherwise draws its workers' seed from the global one,
     # which would change the weights the stage initialises next.
     return DataLoader(_Decoder(files, padding), batch_size=None, sampler=plans,

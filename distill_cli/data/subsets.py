@@ -17,7 +17,6 @@ which amounts to::
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass

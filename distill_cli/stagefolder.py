@@ -56,6 +56,7 @@ class Stage:
     resume: dict | None = None  # the last.pt checkpoint to continue from, until it is used
     tracker: Tracker = field(default_factory=Tracker)  # logger=...: gets each epoch's metrics
     main: bool = True  # False in torchrun's other processes: they write nothing
+    parent: tuple[Path, dict] | None = None  # the parent checkpoint, once read for its dataset
 
     def amp(self):
         """The autocast context configured for this device."""
@@ -118,7 +119,7 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
     run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
     run_dir = Path(cfg.out_dir) / run
     folder = run_dir / (cfg.tag or name) / (job_subdir or "")
-    data_origin = _resolve_dataset(cfg, run_dir)  # before the claim: a resume compares configs
+    data_origin, parent = _resolve_dataset(cfg, run_dir)  # before the claim: resume compares
     resume, replaced = _claim(cfg, folder, run_dir)
     ck.mark_latest(cfg.out_dir, run)
     runtime.setup_logging(folder / "stage.log", console.log_handler())
@@ -131,7 +132,7 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
         log.info("moved the previous results to %s", replaced)
     device = distributed.device() or runtime.pick_device(cfg.device.name)
     runtime.setup_torch(cfg.seed, cfg.device.deterministic, cfg.device.threads)
-    st = Stage(cfg, run_dir, folder, device, resume=resume)
+    st = Stage(cfg, run_dir, folder, device, resume=resume, parent=parent)
     if distributed.world() > 1:
         log.info("data parallel: %d processes (torchrun), each trains on 1/%d of every batch",
                  distributed.world(), distributed.world())  # fmt: skip
@@ -152,22 +153,28 @@ def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
     return st
 
 
-def _resolve_dataset(cfg: DictConfig, run_dir: Path) -> str:
+def _resolve_dataset(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, dict] | None]:
     """Fill ``dataset=upstream``'s keys from the parent checkpoint; say where the data comes from.
 
     finetune and distill read their parent's dataset config (keys set on the command line win);
     eval and export evaluate or check each checkpoint on its own dataset.
+
+    Returns:
+        (the log line, the parent checkpoint read for it, which the stage then loads no more)
     """
     name = cfg.stage.name
     if name in ("eval", "export"):
-        return "dataset: each checkpoint's own, as it was trained on"
+        return "dataset: each checkpoint's own, as it was trained on", None
     if not inherits_dataset(cfg):
-        return f"dataset: {_describe(cfg.dataset)}, as configured (dataset={cfg.dataset.name})"
-    parent = ck.stage_input(run_dir, name, cfg.stage["from"])
-    dataset, own = inherit_dataset(cfg.dataset, ck.load_checkpoint(parent)["dataset"])
+        line = f"dataset: {_describe(cfg.dataset)}, as configured (dataset={cfg.dataset.name})"
+        return line, None
+    path = ck.stage_input(run_dir, name, cfg.stage["from"])
+    parent = ck.load_checkpoint(path)
+    dataset, own = inherit_dataset(cfg.dataset, parent["dataset"])
     cfg.dataset = dataset
     mine = f"; set here: {', '.join('dataset.' + k for k in own)}" if own else ""
-    return f"dataset: {_describe(cfg.dataset)}, from the parent checkpoint {parent}{mine}"
+    line = f"dataset: {_describe(cfg.dataset)}, from the parent checkpoint {path}{mine}"
+    return line, (path, parent)
 
 
 def _describe(d: DictConfig) -> str:

@@ -249,7 +249,9 @@ def _build(cfg: DictConfig, data: Data) -> torch.nn.Module:
 def _load_parent(st: Stage, stage: str) -> torch.nn.Module:
     """Load the checkpoint a stage builds on and record it in the manifest."""
     path = ck.stage_input(st.run_dir, stage, st.cfg.stage["from"])
-    model = ck.model_from_checkpoint(ck.load_checkpoint(path), path)
+    read = st.parent is not None and st.parent[0] == path  # read already for its dataset
+    model = ck.model_from_checkpoint(st.parent[1] if read else ck.load_checkpoint(path), path)
+    st.parent = None
     st.manifest["parent"] = {"path": str(path), "sha256": ck.sha256(path)}
     st.write_manifest()
     log.info("%s from %s (%s, %d parameters)", "teacher" if stage == "distill" else "weights",

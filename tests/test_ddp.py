@@ -136,6 +136,7 @@ def _replica_step(rank: int, init_file: str, out: str) -> None:
     _loss(logits, feats, y[rank::2], extra).backward()
     grads = {n: p.grad for n, p in [*model.named_parameters(), *extra.named_parameters(prefix="x")]}
     torch.save(grads, f"{out}/{rank}.pt")
+    dist.barrier()  # as distributed.leave does: no process tears gloo down while the other still talks
     dist.destroy_process_group()
 
 

@@ -18,7 +18,7 @@ INPUTS := $(STAMP) $(wildcard conf/*.yaml conf/*/*.yaml conf/*/*/*.yaml) Makefil
 
 # --- demo settings: a ResNet teacher (1.2M parameters) and the seed's CNN student (0.15M) ------
 TEACHER ?= resnet8x4
-STUDENT ?= cnn
+STUDENT ?= cnn_padded
 SHOTS ?= 5
 COMMON = run=$(RUN) seed=$(SEED) overwrite=true
 SOURCE = dataset=glyphs_source
@@ -108,7 +108,7 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 # USPS, 3 seeds each: one multirun (docs/results.md). Reuses the mnist-usps teacher if present.
 METHODS ?= kd,logit_mse,dkd,dist,fitnet,at,sp,rkd,pkt,crd
 # The student: resnet8 (78k parameters, BatchNorm), lr 0.05 for every method (the BatchNorm-free
-# cnn diverges under dkd and logit_mse at its KD learning rate).
+# cnn_padded diverges under dkd and logit_mse at its KD learning rate).
 METHODS_STUDENT ?= resnet8
 M2U_TEACHER := outputs/mnist_usps/finetune/best.pt
 

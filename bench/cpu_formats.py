@@ -128,7 +128,7 @@ def accuracy(model_name: str, seed: int, setting: str, args: argparse.Namespace,
 def main() -> None:
     """Run the measurements and print one JSON document (also written with --out)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cnn,resnet8x4")
+    parser.add_argument("--models", default="cnn_padded,resnet8x4")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", default="1,2", help="thread counts to compare")
     parser.add_argument("--rounds", type=int, default=5)

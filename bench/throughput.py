@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--models", default="cnn,resnet8x4")
+    parser.add_argument("--models", default="cnn_padded,resnet8x4")
     parser.add_argument("--streamed", action="store_true", help="also stream the files")
     parser.add_argument("--compile", action="store_true", help="also device.compile=true")
     parser.add_argument("--out", type=Path, default=None)

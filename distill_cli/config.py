@@ -16,8 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 STAGES = ("pretrain", "finetune", "distill", "eval", "export", "report")
 MODELS = (
-    "cnn", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vit_tiny",
-    "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "lstm_rows",
+    "cnn", "cnn_padded", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
+    "vit_tiny", "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "lstm_rows",
     "resnet18", "resnet50", "mobilenet_v3_small",
 )  # fmt: skip
 TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v3_small")  # accept model.weights

@@ -141,7 +141,7 @@ def _replica_step(rank: int, init_file: str, out: str) -> None:
 
 
 def _problem() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    model, extra = build_model("cnn", 4, 1, 8), nn.Linear(128, 3)
+    model, extra = build_model("cnn_padded", 4, 1, 8), nn.Linear(128, 3)
     return model, extra, torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
 
 

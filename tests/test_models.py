@@ -91,6 +91,16 @@ def test_too_small_image_is_rejected():
         build_model("vgg8", NUM_CLASSES, image_size=4)
 
 
+def test_cnn_is_the_seeds_unpadded_network_and_cnn_padded_keeps_the_size():
+    linear = {n: build_model(n, 10, 3, 32).stages["pooled"][1] for n in ("cnn", "cnn_padded")}
+    assert linear["cnn"].in_features == 64 * 6 * 6  # 32 -conv-> 30 -pool-> 15 -conv-> 13 -pool-> 6
+    assert linear["cnn_padded"].in_features == 64 * 8 * 8
+    assert build_model("cnn", 10, 1, 10)(torch.zeros(2, 1, 10, 10)).shape == (2, 10)
+    with pytest.raises(ValueError, match="cnn needs images of at least 10 pixels a side, got 9"):
+        build_model("cnn", 10, 1, 9)
+    assert build_model("cnn_padded", 10, 1, 4)(torch.zeros(2, 1, 4, 4)).shape == (2, 10)
+
+
 @pytest.mark.parametrize(
     "name,low,high",
     [

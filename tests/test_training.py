@@ -72,7 +72,7 @@ def _ce(model, x, y):
 def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
     torch.manual_seed(0)
     train, val = _tiny_loaders()
-    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    model = build_model("cnn_padded", num_classes=2, in_channels=1, image_size=8)
     opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.05, momentum=0.9)
     sched = build_scheduler(opt, len(train) * 8, "cosine", 0, [], 0.1)
     saved = []
@@ -103,7 +103,7 @@ def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
 def test_timed_checkpoints_hold_the_best_weights_until_the_next_write(tmp_path):
     torch.manual_seed(0)
     train, val = _tiny_loaders()
-    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    model = build_model("cnn_padded", num_classes=2, in_channels=1, image_size=8)
     opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.05, momentum=0.9)
     sched = build_scheduler(opt, len(train) * 6, "cosine", 0, [], 0.1)
     saved, snapshots = [], {}
@@ -140,7 +140,7 @@ def test_saver_writes_when_its_interval_has_passed(monkeypatch):
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     train, _ = _tiny_loaders()
-    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    model = build_model("cnn_padded", num_classes=2, in_channels=1, image_size=8)
     opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.1)
 
     def nan_loss(model, x, y):
@@ -175,7 +175,7 @@ def test_clip_gradients_scales_the_joint_norm_by_hand():
 def test_fit_with_clipping_caps_every_step_and_logs_the_norm(tmp_path):
     torch.manual_seed(0)
     train, _ = _tiny_loaders()
-    model = build_model("cnn", num_classes=2, in_channels=1, image_size=8)
+    model = build_model("cnn_padded", num_classes=2, in_channels=1, image_size=8)
     opt = build_optimizer([{"params": list(model.parameters())}], "sgd", 0.05)
     norms = []
 

@@ -30,15 +30,38 @@ from distill_cli.models.torchvision_models import TORCHVISION_MODELS, Torchvisio
 
 
 class SmallCNN(DistillModel):
-    """The seed's two-conv CNN; its flatten size follows the image size."""
+    """The seed's CNN: two 3x3 convs (32, 64 channels) with 2x2 max-pools, then 128 features.
 
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32):
-        side = image_size // 4  # two 2x2 max-pools, each rounding down
+    The seed's convs are unpadded (64*6*6 features into the first linear layer at 32x32), so the
+    image needs at least 10 pixels a side; ``padding=1`` (``cnn_padded``) keeps the size through
+    each conv (64*8*8 at 32x32) and works from 4 pixels up.
+
+    Args:
+        num_classes: Classifier outputs.
+        in_channels: Image channels.
+        image_size: Image side in pixels; the flatten size follows it.
+        padding: Zero padding of both convs: 0 as in the seed, or 1.
+    """
+
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, image_size: int = 32, padding: int = 0
+    ):
+        shrink = 2 - 2 * padding  # pixels each conv takes off
+        side = ((image_size - shrink) // 2 - shrink) // 2
+        if side < 1:
+            smallest = 10 if padding == 0 else 4
+            name = "cnn" if padding == 0 else "cnn_padded"
+            raise ValueError(
+                f"{name} needs images of at least {smallest} pixels a side, got {image_size} "
+                "(set dataset.image_size, or use a model with global pooling, e.g. model=resnet8)"
+            )
         stages = {
             "layer1": nn.Sequential(
-                nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+                nn.Conv2d(in_channels, 32, 3, padding=padding), nn.ReLU(), nn.MaxPool2d(2)
             ),
-            "layer2": nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+            "layer2": nn.Sequential(
+                nn.Conv2d(32, 64, 3, padding=padding), nn.ReLU(), nn.MaxPool2d(2)
+            ),
             "pooled": nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU()),
         }
         super().__init__(stages, num_features=128, num_classes=num_classes)
@@ -46,6 +69,7 @@ class SmallCNN(DistillModel):
 
 MODELS: dict[str, Callable[..., DistillModel]] = {
     "cnn": SmallCNN,
+    "cnn_padded": partial(SmallCNN, padding=1),
     "resnet8": partial(CifarResNet, depth=8),
     "resnet20": partial(CifarResNet, depth=20),
     "resnet56": partial(CifarResNet, depth=56),

@@ -39,7 +39,7 @@ SWEEP_OK = || [ $$? -eq 1 ]
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot cifar10-data \
+.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot cifar10-data cifar-split \
 	test lint format clean-demo
 
 help: ## list the workflows
@@ -136,6 +136,63 @@ bench-distill: $(STAMP) ## distillation overhead and sweep cost, with and withou
 
 bench-fewshot: $(STAMP) $(CIFAR10)/.extracted ## few-shot stage time per validation protocol (~6 min)
 	$(BIN)/python bench/fewshot_cost.py --data $(CIFAR10) --out docs/bench_fewshot.json
+
+# --- CIFAR-10 class split: animals -> vehicles, a shots curve (docs/results.md) --------------
+# A teacher pretrained once on the six animal classes; for each shots value and seed its own run
+# (cifar_split_k<K>_seed<S>): the finetuned teacher, the same teacher from scratch, the student
+# distilled on the labelled images and with the unlabelled target images, the student from
+# scratch; then one report over all of them draws the curves. Scratch runs get the same
+# learning rate and epochs as the runs they are compared with.
+CS_TEACHER ?= resnet20
+CS_STUDENT ?= cnn
+CS_SHOTS ?= 5 10 50 250
+CS_SEEDS ?= 0 1 2
+CS_PRETRAIN_EPOCHS ?= 30
+CIFAR := dataset=imagefolder dataset.root=$(CIFAR10)
+CS_SOURCE := $(CIFAR) dataset.classes=[bird,cat,deer,dog,frog,horse]
+CS_TARGET := $(CIFAR) dataset.classes=[airplane,automobile,ship,truck] stage.batch_size=32
+CS_TEACHER_CKPT := outputs/cifar_split/pretrain/best.pt
+# Epochs per shots value (the same for a run and its baseline): few images need many passes.
+CS_T_EPOCHS_5 := 60
+CS_T_EPOCHS_10 := 60
+CS_T_EPOCHS_50 := 40
+CS_T_EPOCHS_250 := 20
+CS_S_EPOCHS_5 := 300
+CS_S_EPOCHS_10 := 300
+CS_S_EPOCHS_50 := 100
+CS_S_EPOCHS_250 := 30
+CS_RUNS := $(foreach k,$(CS_SHOTS),$(foreach s,$(CS_SEEDS),cifar_split_k$(k)_seed$(s)))
+
+cifar-split: outputs/cifar_split/report.md ## CIFAR-10 animals -> vehicles: shots curve, 3 seeds, report + plots (~70 min)
+
+$(CS_TEACHER_CKPT): $(STAMP) $(CIFAR10)/.extracted
+	$(CLI) pretrain run=cifar_split seed=0 overwrite=true $(CS_SOURCE) model=$(CS_TEACHER) \
+	    stage.epochs=$(CS_PRETRAIN_EPOCHS) stage.batch_size=128 optimizer.lr=0.1
+	$(CLI) eval run=cifar_split stage.plots=false
+
+# One shots value and seed: the stem is k<K>_seed<S>.
+outputs/cifar_split_%/eval/metrics.json: $(CS_TEACHER_CKPT)
+	$(eval K := $(patsubst k%,%,$(word 1,$(subst _, ,$*))))
+	$(eval S := $(patsubst seed%,%,$(word 2,$(subst _, ,$*))))
+	$(eval RUNARGS := run=cifar_split_$* seed=$(S) overwrite=true)
+	$(eval DATA_K := $(CS_TARGET) dataset.shots=$(K) dataset.subset_seed=$(S))
+	$(CLI) finetune $(RUNARGS) $(DATA_K) stage.from=outputs/cifar_split/pretrain \
+	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
+	$(CLI) pretrain $(RUNARGS) $(DATA_K) model=$(CS_TEACHER) tag=scratch_teacher \
+	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
+	$(CLI) distill $(RUNARGS) model=$(CS_STUDENT) stage.batch_size=32 \
+	    stage.epochs=$(CS_S_EPOCHS_$(K)) optimizer.lr=0.02
+	$(CLI) distill $(RUNARGS) model=$(CS_STUDENT) stage.batch_size=32 tag=distill_target \
+	    stage.transfer_set=target stage.unlabeled_ratio=1 stage.epochs=$(CS_S_EPOCHS_$(K)) \
+	    optimizer.lr=0.02
+	$(CLI) pretrain $(RUNARGS) $(DATA_K) model=$(CS_STUDENT) tag=scratch_student \
+	    stage.epochs=$(CS_S_EPOCHS_$(K)) optimizer.lr=0.02
+	$(CLI) eval run=cifar_split_$* stage.plots=false
+
+outputs/cifar_split/report.md: $(foreach r,$(CS_RUNS),outputs/$(r)/eval/metrics.json)
+	$(CLI) report run=cifar_split stage.runs=[cifar_split_k*] \
+	    stage.metrics=[best_val_acc,top1]
+	$(CLI) eval run=cifar_split_k10_seed0
 
 # --- real CIFAR-10 images: ../shared/data's JPEG tarball, extracted once into data/ -----------
 cifar10-data: $(CIFAR10)/.extracted ## extract the CIFAR-10 JPEG tarball into data/cifar10_jpeg (once)

@@ -85,6 +85,13 @@ _RUN = (
     (lambda v: isinstance(v, str) and bool(_NAME.match(v)) and ".." not in v),
     ("a folder name (letters, digits and . _ - = , +)"),
 )
+_PATTERN = re.compile(r"^[A-Za-z0-9._=,+*?\[\]-]+$")
+
+
+def _is_run_pattern(v: object) -> bool:
+    return isinstance(v, str) and bool(_PATTERN.match(v)) and ".." not in v
+
+
 _CLASSES = (
     (
         lambda v: (
@@ -139,8 +146,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a non-empty list drawn from " + ", ".join(REPORT_METRICS),
     ),
     "stage.runs": (
-        lambda v: isinstance(v, list) and all(_RUN[0](r) for r in v),
-        "a list of run names",
+        lambda v: isinstance(v, list) and all(_RUN[0](r) or _is_run_pattern(r) for r in v),
+        "a list of run names or shell-style patterns (e.g. [seed1,cs_k*])",
     ),  # fmt: skip
     "model.name": _one_of(MODELS),
     "model.weights": _optional(_STR),  # imagenet, or a path to a torchvision state_dict

@@ -24,6 +24,7 @@ from distill_cli import console, rundir, runtime
 from distill_cli.config import inherit_dataset
 from distill_cli.data import BatchLoader, DataError, ImageFiles, StreamLoader, convert
 from distill_cli.evaluation import metrics, plots
+from distill_cli.evaluation.aggregate import choose_baselines, collect_jobs, group, weak_teachers
 from distill_cli.stagefolder import Stage, StageError, running
 
 log = logging.getLogger("distill_cli")
@@ -59,6 +60,7 @@ def evaluate_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
             path = ck.find_checkpoint(source)
             results[_tag_of(path, st.run_dir)] = _evaluate(st, path, cache)
         _relate_students(results, cache)
+        _flag_weak_teachers(st.run_dir, results)
         rundir.write_json(st.folder / "metrics.json", results, sort_keys=False)  # run order
         rows = [{"tag": tag, **r} for tag, r in results.items()]
         title = f"eval · run {st.run_dir.name}"
@@ -189,6 +191,20 @@ def _relate_students(results: dict, cache: dict) -> None:
         r["teacher"] = teacher_tag
         r["kept"] = metrics.kept_accuracy(r["top1"], t["top1"])
         r.update(metrics.ratios(r, t))
+
+
+def _flag_weak_teachers(run_dir: Path, results: dict) -> None:
+    """Warn about each student whose teacher scored below the scratch student on validation."""
+    jobs = collect_jobs(run_dir)
+    configs = group(jobs)
+    choose_baselines(configs)
+    for w in weak_teachers(configs, jobs):
+        if w.student in results:
+            results[w.student]["teacher_below_scratch"] = {
+                "teacher_val_acc": w.teacher_val, "scratch": w.scratch,
+                "scratch_val_acc": w.scratch_val,
+            }  # fmt: skip
+            log.warning("%s", w.note())
 
 
 def _print_matrix(title: str, results: dict) -> None:

@@ -148,7 +148,7 @@ def test_real_mnist_from_the_cache_equals_torchvision(shared_data, tmp_path, mon
 def test_stage_uses_the_cache_and_the_switch(tmp_path, make_cfg):
     _folder(tmp_path / "imgs", n=4)
     args = ["stage=pretrain", "run=r", "dataset=imagefolder", f"dataset.root={tmp_path}/imgs",
-            "model=cnn", "stage.epochs=1", "dataset.val_per_class=1"]  # fmt: skip
+            "model=cnn_padded", "stage.epochs=1", "dataset.val_per_class=1"]  # fmt: skip
     run_stage(make_cfg(*args, "dataset.cache=false"))
     assert not (tmp_path / "imgs" / CACHE_DIR).exists()
     run_stage(make_cfg(*args, "overwrite=true"))

@@ -360,7 +360,7 @@ def pair():
 def test_feature_shapes_are_per_sample_and_modes_are_restored(pair):
     student, teacher = pair
     assert feature_shapes(student, 1, 16) == {
-        "layer1": (32, 8, 8), "layer2": (64, 4, 4), "pooled": (128,),
+        "layer1": (32, 7, 7), "layer2": (64, 2, 2), "pooled": (128,),  # unpadded: 14/2, 5/2
     }  # fmt: skip
     assert student.training and not teacher.training
     assert feature_shapes(teacher, 1, 16)["layer3"] == (64, 4, 4) and not teacher.training

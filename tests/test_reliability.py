@@ -245,7 +245,7 @@ def test_image_folder_with_unreadable_images(tmp_path, make_cfg):
                 Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(d / f"{i}.png")
     (tmp_path / "imgs" / "train" / "a" / "broken.png").write_bytes(b"not an image")
     args = ["stage=pretrain", "run=r", "dataset=imagefolder", f"dataset.root={tmp_path}/imgs",
-            "model=cnn", "stage.epochs=1", "dataset.val_per_class=1"]  # fmt: skip
+            "model=cnn_padded", "stage.epochs=1", "dataset.val_per_class=1"]  # fmt: skip
     with pytest.raises(Exception, match="broken.png"):
         run_stage(make_cfg(*args))
     run_stage(make_cfg(*args, "dataset.bad_images=skip", "overwrite=true"))

@@ -46,6 +46,7 @@ def write_job(
     trained_model=None,
     kd=None,
     budget=(5, 5),
+    shots=5,
 ) -> None:
     """A stage folder as the stages leave it: config.yaml, manifest.json, metrics.json(l)."""
     d = run_dir / folder
@@ -53,7 +54,7 @@ def write_job(
     config = {
         "stage": {"name": stage, "epochs": 3, "resume": False},
         "model": {"name": model},
-        "dataset": {"name": dataset, "shots": 5, "subset_seed": seed, "crop_padding": 2},
+        "dataset": {"name": dataset, "shots": shots, "subset_seed": seed, "crop_padding": 2},
         "optimizer": {"name": "sgd", "lr": lr},
         "run": run_dir.name,
         "tag": folder.split("/")[0],

@@ -124,7 +124,7 @@ def test_unreadable_files_stop_or_are_skipped(tmp_path, caplog):
 def test_streamed_stage_trains_like_the_in_memory_one(tmp_path, make_cfg):
     _folder(tmp_path / "imgs", per_class=6, size=(8, 8))
     args = ["stage=pretrain", "dataset=imagefolder", f"dataset.root={tmp_path}/imgs",
-            "model=cnn", "stage.epochs=2", "stage.batch_size=4", "dataset.val_per_class=1",
+            "model=cnn_padded", "stage.epochs=2", "stage.batch_size=4", "dataset.val_per_class=1",
             "dataset.cache=false"]  # fmt: skip
     run_stage(make_cfg(*args, "run=memory", "dataset.stream=false"))
     run_stage(make_cfg(*args, "run=stream", "dataset.stream=true", "dataset.workers=1"))

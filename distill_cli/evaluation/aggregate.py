@@ -201,7 +201,8 @@ def read_job(folder: Path, run_dir: Path, evaluated: dict, prefix: str = "") -> 
     job.model = (final or {}).get("model") or (entry or {}).get("model")
     if job.model is None and stage != "finetune":  # a finetune's model comes from its parent
         job.model = config.get("model.name")
-    job.parent = _relative((manifest.get("parent") or {}).get("path"), run_dir)
+    parent = _relative((manifest.get("parent") or {}).get("path"), run_dir)
+    job.parent = prefix + parent if parent and not Path(parent).is_absolute() else parent
     if not job.finished:
         job.error = manifest.get("error") or ("no metrics.json" if status == "completed" else None)
         done = history[-1].get("epoch", len(history)) if history else 0
@@ -354,3 +355,52 @@ def _show(value: Any) -> str:
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+# --- teachers worth distilling from -------------------------------------------------------------
+
+
+@dataclass
+class WeakTeacher:
+    """A distilled student's replicate whose teacher scored below the scratch student."""
+
+    student: str  # the distill job's folder
+    teacher: str  # its parent's folder
+    scratch: str  # the scratch job of the same replicate
+    teacher_val: float
+    scratch_val: float
+
+    def note(self) -> str:
+        """One line telling a user that this teacher was not worth distilling from."""
+        return (
+            f"{self.student}: its teacher {self.teacher} scored {self.teacher_val:.1f} on "
+            f"validation, below the scratch student {self.scratch} ({self.scratch_val:.1f}); "
+            "a teacher weaker than the student alone rarely helps it and can pull it down"
+        )
+
+
+def weak_teachers(configs: list[Configuration], jobs: list[Job]) -> list[WeakTeacher]:
+    """Distill jobs whose teacher's validation accuracy is below the paired scratch student's.
+
+    A teacher that scores lower than the student trained alone, on the same validation images,
+    rarely teaches it anything; often it pulls the student down. Only validation is compared
+    (never test), and only where teacher and student trained on the same images and budget.
+    """
+    by_folder = {j.folder: j for j in jobs}
+    found = []
+    for c in configs:
+        if c.first.stage != "distill" or c.baseline is None:
+            continue
+        scratch = {j.replicate: j for j in c.baseline.finished}
+        for job in c.finished:
+            teacher, alone = by_folder.get(job.parent or ""), scratch.get(job.replicate)
+            if teacher is None or alone is None or not _same(teacher.data, job.data):
+                continue
+            t_val, s_val = teacher.values.get(SELECT_BY), alone.values.get(SELECT_BY)
+            if teacher.labels == job.labels and _below(t_val, s_val):
+                found.append(WeakTeacher(job.folder, teacher.folder, alone.folder, t_val, s_val))
+    return found
+
+
+def _below(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and a < b

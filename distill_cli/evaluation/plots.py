@@ -39,9 +39,15 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+MARKERS_UP_TO = 40  # points per line drawn with markers; longer lines are plain
+MAX_LEGEND = 12  # lines per panel that get a legend entry; beyond, the panel says how many
+GRAD_NORM = "train_grad_norm"  # a gradient norm, not a loss: drawn on its own axis
+
+
 def _loss_terms(rows: list[dict]) -> list[str]:
-    """The ``train_*`` loss keys of the rows, total first (``train_acc`` is not a loss)."""
-    terms = {k for row in rows for k in row if k.startswith("train_") and k != "train_acc"}
+    """The ``train_*`` loss keys of the rows, total first (not accuracy, not the grad norm)."""
+    terms = {k for row in rows for k in row if k.startswith("train_")}
+    terms -= {"train_acc", GRAD_NORM}
     return sorted(terms, key=lambda k: (k != "train_loss", k))
 
 
@@ -51,32 +57,131 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [row["epoch"] for row in kept], [row[key] for row in kept]
 
 
+def curve_groups(histories: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
+    """Jobs grouped into one row of panels per tag: ``distill/optimizer.lr=0.02`` joins ``distill``.
+
+    Returns:
+        Group name -> {line label (the job's folder below the tag, or the tag) -> rows}.
+    """
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for tag, rows in histories.items():
+        group, _, rest = tag.partition("/")
+        groups.setdefault(group, {})[rest or group] = rows
+    return groups
+
+
+def marker(points: int) -> str | None:
+    """A dot on every epoch while a line is short enough to read them; none past that."""
+    return "." if points <= MARKERS_UP_TO else None
+
+
 def learning_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
-    """Training loss terms and validation accuracy per epoch, one colour per run tag.
+    """One row of panels per tag: training loss terms, validation accuracy, gradient norm.
+
+    Jobs of one tag (a multirun's learning rates, seeds) share a row, one colour each; loss
+    terms are told apart by line style. Rows keep the order in which their tags first appear.
 
     Args:
         histories: Run tag -> its ``metrics.jsonl`` rows (``epoch``, ``train_loss``, optional
-            ``train_<term>``, optional ``val_acc``).
+            ``train_<term>``, ``train_grad_norm`` and ``val_acc``).
         path: Where the PNG goes.
     """
-    fig, (loss_ax, acc_ax) = _figure(ncols=2, width=12, height=4.5)
-    for i, (tag, rows) in enumerate(histories.items()):
+    groups = curve_groups(histories) or {"no history": {}}
+    has_norm = any(GRAD_NORM in row for rows in histories.values() for row in rows)
+    ncols = 3 if has_norm else 2
+    fig, rows = _grid(len(groups), ncols)
+    for axes, (group, jobs) in zip(rows, groups.items(), strict=True):
+        _curve_row(list(axes), group, jobs)
+    fig.suptitle("Learning curves: one row per tag, one colour per job")
+    return _save(fig, path)
+
+
+def _grid(rows: int, cols: int) -> tuple[Figure, Any]:
+    """A figure of ``rows`` x ``cols`` axes (a 2-D array, even for one row)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * cols, 3.4 * rows + 0.6), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _curve_row(axes: list, group: str, jobs: dict[str, list[dict]]) -> None:
+    """One tag's panels: loss terms (styles), validation accuracy and gradient norm (colours)."""
+    loss_ax, acc_ax, *rest = axes
+    norm_ax = rest[0] if rest else None
+    terms = list(dict.fromkeys(t for rows in jobs.values() for t in _loss_terms(rows)))
+    styles = dict(zip(terms, itertools.cycle(LINESTYLES)))
+    for i, (label, rows) in enumerate(jobs.items()):
         color = f"C{i % 10}"
-        for style, term in zip(itertools.cycle(LINESTYLES), _loss_terms(rows)):
+        for term in _loss_terms(rows):
             epochs, values = _series(rows, term)
-            label = f"{tag}: {term.removeprefix('train_')}"
-            loss_ax.plot(epochs, values, style, color=color, marker=".", label=label)
-        epochs, values = _series(rows, "val_acc")
-        if epochs:
-            acc_ax.plot(epochs, values, "-", color=color, marker="o", label=tag)
-    loss_ax.set(title="Training loss terms", xlabel="epoch",
-                ylabel="loss (mean per training sample)")  # fmt: skip
-    acc_ax.set(title="Validation accuracy", xlabel="epoch", ylabel="top-1 accuracy (%)")
-    for ax in (loss_ax, acc_ax):
+            loss_ax.plot(epochs, values, styles[term], color=color, marker=marker(len(epochs)),
+                         linewidth=1.2)  # fmt: skip
+        for ax, key in ((acc_ax, "val_acc"), (norm_ax, GRAD_NORM)):
+            epochs, values = _series(rows, key)
+            if ax is not None and epochs:
+                ax.plot(epochs, values, "-", color=color, marker=marker(len(epochs)),
+                        linewidth=1.2, label=label)  # fmt: skip
+    loss_ax.set(title=f"{group}: training loss terms", xlabel="epoch", ylabel="loss per sample")
+    if len(terms) > 1:  # the style legend: which term each line style is
+        handles = [loss_ax.plot([], [], styles[t], color="0.3")[0] for t in terms]
+        loss_ax.legend(handles, [t.removeprefix("train_") for t in terms], fontsize="small")
+    acc_ax.set(title=f"{group}: validation accuracy", xlabel="epoch", ylabel="top-1 (%)")
+    if norm_ax is not None:
+        norm_ax.set(title=f"{group}: gradient norm before clipping", xlabel="epoch",
+                    ylabel="L2 norm (mean per step)")  # fmt: skip
+        if norm_ax.has_data():
+            norm_ax.set_yscale("log")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-    fig.suptitle("Learning curves")
+    _job_legend(acc_ax, len(jobs))
+
+
+def _job_legend(ax: Any, jobs: int) -> None:
+    """A legend of the jobs' colours, or a count where there are too many to read."""
+    if not ax.has_data():
+        ax.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax.transAxes)
+    elif jobs <= MAX_LEGEND:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.02, 0.02, f"{jobs} jobs", transform=ax.transAxes, fontsize="small")
+
+
+def against_shots(
+    series: list[dict], path: str | Path, *, ylabel: str, title: str, zero: bool = False
+) -> Path:
+    """Mean ± std band of each configuration against labelled images per class (log scale).
+
+    Args:
+        series: One dict per configuration: ``name``, ``shots`` (ascending ints), ``mean`` and
+            ``std`` (floats or None, one per shots value; a missing std draws no band).
+        path: Where the PNG goes.
+        ylabel: The y axis label with its unit.
+        title: The figure title.
+        zero: Draw the zero line (for gains).
+    """
+    fig, ax = _figure(width=7.5, height=5)
+    ticks: set[int] = set()
+    for i, s in enumerate(series):
+        points = [(k, m, sd) for k, m, sd in zip(s["shots"], s["mean"], s["std"], strict=True)
+                  if m is not None]  # fmt: skip
+        if not points:
+            continue
+        xs, means, stds = zip(*points, strict=True)
+        color, style = f"C{i % 10}", LINESTYLES[(i // 10) % len(LINESTYLES)]
+        ax.plot(xs, means, style, color=color, marker="o", label=s["name"])
+        low = [m - (sd or 0.0) for m, sd in zip(means, stds, strict=True)]
+        high = [m + (sd or 0.0) for m, sd in zip(means, stds, strict=True)]
+        ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0)
+        ticks.update(xs)
+    if zero:
+        ax.axhline(0.0, color="0.3", linewidth=0.8)
+    if ticks:
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])
+        ax.minorticks_off()
+        ax.legend(fontsize="small")
+    ax.set(title=title, xlabel="labelled images per class (log scale)", ylabel=ylabel)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

@@ -12,9 +12,11 @@ arithmetic lives in aggregate.py; this module only reads JSON and YAML, so torch
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,14 @@ from distill_cli.evaluation.aggregate import (
     Configuration,
     Job,
     Stat,
+    WeakTeacher,
     choose_baselines,
     collect_jobs,
     group,
     partial_keys,
+    weak_teachers,
 )
+from distill_cli.evaluation.curves import Curve, metric_for, shots_curves
 from distill_cli.rundir import write_text
 
 log = logging.getLogger("distill_cli")
@@ -62,7 +67,7 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     _log_to_console()
     run_dir = _run_dir(Path(cfg.out_dir), cfg.run)
     jobs = collect_jobs(run_dir)
-    for other in dict.fromkeys(r for r in cfg.stage.runs if r != run_dir.name):
+    for other in other_runs(Path(cfg.out_dir), list(cfg.stage.runs), run_dir.name):
         jobs += collect_jobs(_run_dir(Path(cfg.out_dir), other), prefix=f"{other}:")
     if not jobs:
         raise ReportError(
@@ -72,8 +77,12 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     metrics = list(cfg.stage.metrics)
     configs = group(jobs)
     choose_baselines(configs)
-    notes = _notes(run_dir, jobs, configs, metrics)
-    write_text(run_dir / "report.md", render_markdown(run_dir.name, configs, jobs, metrics, notes))
+    weak = weak_teachers(configs, jobs)
+    notes = _notes(run_dir, jobs, configs, metrics) + [w.note() for w in weak]
+    curves = shots_curves(configs)
+    shots = _shots_files(run_dir, curves, metrics) if curves else None
+    text = render_markdown(run_dir.name, configs, jobs, metrics, notes, shots, weak)
+    write_text(run_dir / "report.md", text)
     write_text(run_dir / "report.csv", render_csv(configs))
     title = f"report · run {run_dir.name}"
     failed = [j for j in jobs if not j.finished]
@@ -81,11 +90,15 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
         f"{title} · {len(jobs)} jobs in {len(configs)} configurations, mean ± std over seeds",
         configuration_table(configs, metrics),
     )
-    gains = gain_table(configs)
+    gains = gain_table(configs, weak)
     if gains[1]:
         _print(
             f"{title} · paired gain over training from scratch (same model, images, seed)", gains
         )
+    if shots:
+        metric = METRICS[shots.metric][0]
+        _print(f"{title} · {metric} against labelled images per class", shots.values)
+        _print(f"{title} · Δ {metric} over scratch against labelled images per class", shots.gains)
     if failed:
         _print(f"{title} · {len(failed)} failed or unfinished", failed_table(jobs))
     for note in notes:
@@ -142,13 +155,21 @@ def configuration_table(configs: list[Configuration], metrics: list[str]) -> Tab
     return columns, _align(rows, ["n", "failed", *metrics])
 
 
-def gain_table(configs: list[Configuration]) -> Table:
-    """Each distilled student's (and finetuned model's) paired gain over its scratch baseline."""
+def gain_table(configs: list[Configuration], weak: list[WeakTeacher] | None = None) -> Table:
+    """Each distilled student's (and finetuned model's) paired gain over its scratch baseline.
+
+    ``weak`` (from ``aggregate.weak_teachers``) fills the ``teacher < scratch`` column: in how
+    many replicates the teacher scored below the scratch student on validation.
+    """
+    below: dict[str, int] = {}
+    for w in weak or []:
+        below[w.student] = below.get(w.student, 0) + 1
     columns = [
         ("configuration", "configuration"),
         ("from", "from"),
         ("baseline", "baseline"),
         ("pairs", "pairs"),
+        ("weak", "teacher < scratch"),
     ] + [(m, "Δ " + METRICS[m][0]) for m in GAIN_METRICS]
     rows = []
     for c in configs:
@@ -163,10 +184,50 @@ def gain_table(configs: list[Configuration]) -> Table:
             "baseline": chosen,
             "pairs": str(pairs),
             "from": ", ".join(sorted({j.parent for j in c.jobs if j.parent})) or "-",
+            "weak": _weak_cell(c, below),
         }
         row.update({m: cell(c.gain(m), METRICS[m][1], pairs, sign=True) for m in GAIN_METRICS})
         rows.append(row)
     return columns, _align(rows, ["pairs", *GAIN_METRICS])
+
+
+def _weak_cell(c: Configuration, below: dict[str, int]) -> str:
+    """``k of n`` replicates with a teacher below scratch on validation; ``-`` for finetunes."""
+    if c.first.stage != "distill" or c.baseline is None:
+        return "-"
+    k = sum(below.get(j.folder, 0) for j in c.finished)
+    return f"{k} of {c.pairs()}" + (" (!)" if k else "")
+
+
+@dataclass
+class ShotsTables:
+    """The shots curves as two tables (metric, gain) and the PNGs drawn from them."""
+
+    metric: str
+    values: Table
+    gains: Table
+    files: list[str]
+
+
+def shots_tables(curves: list[Curve], metric: str) -> tuple[Table, Table]:
+    """(metric, paired gain) as tables: one row per curve, one column per shots value."""
+    all_shots = sorted({k for c in curves for k in c.shots})
+    columns = [("curve", "configuration")] + [(str(k), f"{k}/class") for k in all_shots]
+    values, gains = [], []
+    for c in curves:
+        by_k = dict(zip(c.shots, zip(c.stats(metric), c.gains(metric), strict=True), strict=True))
+        values.append({"curve": c.name} | {str(k): _at(by_k, k, 0) for k in all_shots})
+        if any(g.mean is not None for g in c.gains(metric)):
+            gains.append({"curve": c.name} | {str(k): _at(by_k, k, 1) for k in all_shots})
+    keys = [str(k) for k in all_shots]
+    return (columns, _align(values, keys)), (columns, _align(gains, keys))
+
+
+def _at(by_k: dict[int, tuple[Stat, Stat]], k: int, which: int) -> str:
+    if k not in by_k:
+        return "-"
+    stat = by_k[k][which]
+    return cell(stat, ".1f", sign=which == 1) + (f" (n={stat.n})" if stat.mean is not None else "")
 
 
 def failed_table(jobs: list[Job]) -> Table:
@@ -224,7 +285,13 @@ def _print(title: str, table: Table) -> None:
 
 
 def render_markdown(
-    run: str, configs: list[Configuration], jobs: list[Job], metrics: list[str], notes: list[str]
+    run: str,
+    configs: list[Configuration],
+    jobs: list[Job],
+    metrics: list[str],
+    notes: list[str],
+    shots: ShotsTables | None = None,
+    weak: list[WeakTeacher] | None = None,
 ) -> str:
     """The report as markdown: what the numbers are, the tables, and notes."""
     failed = [j for j in jobs if not j.finished]
@@ -248,7 +315,7 @@ def render_markdown(
         *_markdown(configuration_table(configs, metrics)),
         "",
     ]
-    gains = gain_table(configs)
+    gains = gain_table(configs, weak)
     if gains[1]:
         text += [
             "## Paired gains over training from scratch",
@@ -257,16 +324,42 @@ def render_markdown(
             "of the same model on the same images and labelled budget, replicate by replicate "
             "(same `seed` and `dataset.subset_seed`): gain = its metric − the scratch metric, "
             "mean ± std over the pairs. Where several scratch configurations qualify, the "
-            "baseline is the one with the best mean val@best (validation, never test).",
+            "baseline is the one with the best mean val@best (validation, never test). "
+            "teacher < scratch: in how many pairs the student's teacher scored below the "
+            "scratch student on validation (flagged `(!)`: that teacher was not worth "
+            "distilling from).",
             "",
             *_markdown(gains),
             "",
         ]
+    if shots:
+        text += _shots_markdown(shots)
     if failed:
         text += ["## Failed or unfinished jobs", "", *_markdown(failed_table(jobs)), ""]
     if notes:
         text += ["## Notes", "", *[f"- {note}" for note in notes], ""]
     return "\n".join(text)
+
+
+def _shots_markdown(shots: ShotsTables) -> list[str]:
+    name = METRICS[shots.metric][0]
+    where = "the test split" if shots.metric in FROM_EVAL else "validation (run eval for test)"
+    gains = [f"### Δ {name} over scratch", "", *_markdown(shots.gains), ""]
+    return [
+        "## Shots curves",
+        "",
+        "Configurations that differ only in `dataset.shots` (labelled images per class; the "
+        f"validation split follows it), as curves: {name} on {where}, mean ± std over seeds, "
+        "and the paired gain over the scratch baseline of the same budget.",
+        "",
+        *[f"![{f}]({f})" for f in shots.files],
+        "",
+        f"### {name}",
+        "",
+        *_markdown(shots.values),
+        "",
+        *(gains if shots.gains[1] else []),
+    ]
 
 
 def _markdown(table: Table) -> list[str]:
@@ -328,6 +421,38 @@ def _stat_fields(name: str, stat: Stat) -> dict[str, Any]:
 
 # --- helpers of the stage -----------------------------------------------------------------------
 
+SHOTS_METRICS = ("top1", "best_val_acc")  # the curves' metric: test top-1 once eval ran
+
+
+def _shots_files(run_dir: Path, curves: list[Curve], metrics: list[str]) -> ShotsTables | None:
+    """Draw report_shots.png and report_gain_shots.png and build their tables."""
+    from distill_cli.evaluation import plots  # matplotlib, only when there are curves
+
+    metric = metric_for(curves, [m for m in SHOTS_METRICS if m in metrics] or list(SHOTS_METRICS))
+    if metric is None:
+        return None
+    name = METRICS[metric][0]
+    where = "test" if metric in FROM_EVAL else "validation"
+    values, gains = shots_tables(curves, metric)
+    files = [plots.against_shots(
+        [_series(c, c.stats(metric)) for c in curves], run_dir / "report_shots.png",
+        ylabel=f"{name} on {where} (%), mean ± std over seeds",
+        title=f"{name} against labelled images per class · run {run_dir.name}",
+    ).name]  # fmt: skip
+    with_gain = [c for c in curves if any(g.mean is not None for g in c.gains(metric))]
+    if with_gain:
+        files.append(plots.against_shots(
+            [_series(c, c.gains(metric)) for c in with_gain], run_dir / "report_gain_shots.png",
+            ylabel=f"Δ {name} over scratch (points), mean ± std over pairs",
+            title=f"Gain over training from scratch · run {run_dir.name}", zero=True,
+        ).name)  # fmt: skip
+    return ShotsTables(metric, values, gains, files)
+
+
+def _series(curve: Curve, stats: list[Stat]) -> dict[str, Any]:
+    return {"name": curve.name, "shots": curve.shots, "mean": [s.mean for s in stats],
+            "std": [s.std for s in stats]}  # fmt: skip
+
 
 def _notes(
     run_dir: Path, jobs: list[Job], configs: list[Configuration], metrics: list[str]
@@ -371,6 +496,29 @@ def _run_dir(out_dir: Path, run: str | None) -> Path:
         what = f"run '{run}' does not exist in '{out_dir}'" if run else f"no run in '{out_dir}'"
         raise ReportError(f"{what}; runs there: {', '.join(runs) or 'none'}")
     return out_dir / run
+
+
+def other_runs(out_dir: Path, names: list[str], own: str) -> list[str]:
+    """The runs named in ``stage.runs``, a shell-style pattern (``cs_k*``) standing for its matches.
+
+    Raises:
+        ReportError: A pattern that matches no run (naming the runs there).
+    """
+    present = sorted(p.name for p in out_dir.iterdir() if p.is_dir()) if out_dir.is_dir() else []
+    present = [r for r in present if not r.startswith(".")]
+    found: list[str] = []
+    for name in names:
+        if not any(ch in name for ch in "*?["):
+            found.append(name)
+            continue
+        matches = fnmatch.filter(present, name)
+        if not matches:
+            raise ReportError(
+                f"stage.runs pattern '{name}' matches no run in '{out_dir}'; runs there: "
+                f"{', '.join(present) or 'none'}"
+            )
+        found += matches
+    return [r for r in dict.fromkeys(found) if r != own]
 
 
 def _log_to_console() -> None:

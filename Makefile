@@ -147,7 +147,7 @@ CS_TEACHER ?= resnet20
 CS_STUDENT ?= cnn
 CS_SHOTS ?= 5 10 50 250
 CS_SEEDS ?= 0 1 2
-CS_PRETRAIN_EPOCHS ?= 30
+CS_PRETRAIN_EPOCHS ?= 15
 CIFAR := dataset=imagefolder dataset.root=$(CIFAR10)
 CS_SOURCE := $(CIFAR) dataset.classes=[bird,cat,deer,dog,frog,horse]
 CS_TARGET := $(CIFAR) dataset.classes=[airplane,automobile,ship,truck] stage.batch_size=32

@@ -39,8 +39,8 @@ SWEEP_OK = || [ $$? -eq 1 ]
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot cifar10-data \
-	test lint format clean-demo
+.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot bench-kd \
+	cifar10-data test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -136,6 +136,10 @@ bench-distill: $(STAMP) ## distillation overhead and sweep cost, with and withou
 
 bench-fewshot: $(STAMP) $(CIFAR10)/.extracted ## few-shot stage time per validation protocol (~6 min)
 	$(BIN)/python bench/fewshot_cost.py --data $(CIFAR10) --out docs/bench_fewshot.json
+
+bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~6 min)
+	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --variants plain,prepared,bf16,compile,compile_bf16 \
+	    --out docs/bench_kd_loop.json
 
 # --- real CIFAR-10 images: ../shared/data's JPEG tarball, extracted once into data/ -----------
 cifar10-data: $(CIFAR10)/.extracted ## extract the CIFAR-10 JPEG tarball into data/cifar10_jpeg (once)

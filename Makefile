@@ -40,7 +40,7 @@ LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot bench-kd \
-	cifar10-data test lint format clean-demo
+	bench-views cifar10-data test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -140,6 +140,12 @@ bench-fewshot: $(STAMP) $(CIFAR10)/.extracted ## few-shot stage time per validat
 bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~6 min)
 	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --variants plain,prepared,bf16,compile,compile_bf16 \
 	    --out docs/bench_kd_loop.json
+
+bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_views=K, glyphs and CIFAR-10 (~30 min)
+	$(BIN)/python bench/aug_views.py --data glyphs --views 1,2,4,8,16,none --seeds 0,1,2 \
+	    --out docs/bench_aug_views_glyphs.json
+	$(BIN)/python bench/aug_views.py --data $(CIFAR10) --views 1,2,4,8,none --seeds 0,1 \
+	    --out docs/bench_aug_views_cifar10.json
 
 # --- real CIFAR-10 images: ../shared/data's JPEG tarball, extracted once into data/ -----------
 cifar10-data: $(CIFAR10)/.extracted ## extract the CIFAR-10 JPEG tarball into data/cifar10_jpeg (once)

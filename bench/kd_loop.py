@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import emit, run, settings
+from common import emit, run, settings, subset
 
 from distill_cli import checkpoint as ck
 from distill_cli.kd.losses import distill_loss
@@ -66,15 +66,6 @@ TEACHER = {  # in-process teacher variants: PreparedTeacher's (prep, precision)
     "compile": ("compile", None),
     "compile_bf16": ("compile", "bfloat16"),
 }
-
-
-def subset(data: Path, root: Path, classes: int, per_class: int) -> None:
-    """Links the first ``per_class`` images of the first ``classes`` classes into ``root/train``."""
-    for folder in sorted(p for p in (data / "train").iterdir() if p.is_dir())[:classes]:
-        target = root / "train" / folder.name
-        target.mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:per_class]:
-            (target / image.name).symlink_to(image.resolve())
 
 
 def reference(root: Path, teacher_path: Path, epochs: int, batch: int, workers: int) -> list[float]:

@@ -112,3 +112,17 @@ def test_kd_loop_benchmark_smoke(tmp_path):
     assert teacher["prep"]["prepared"]["folded"] == 10  # resnet8x4
     assert 0 < teacher["teacher_share_of_step"]["prepared"] < 1
     assert teacher["forward_speedup_over_plain"]["prepared"] > 0
+
+
+def test_aug_views_benchmark_smoke(tmp_path):
+    out = tmp_path / "views.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "aug_views.py"), "--data", "glyphs", "--views",
+         "1,none", "--seeds", "0", "--epochs", "2", "--teacher-epochs", "1",
+         "--finetune-epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    views = json.loads(out.read_text())["views"]
+    assert views["none"]["hit_rate"]["mean"] == 0.0 and views["1"]["hit_rate"]["mean"] > 0
+    assert views["none"]["time_over_none"] == 1.0 and views["1"]["best_val_acc"]["mean"] >= 0

@@ -39,8 +39,8 @@ SWEEP_OK = || [ $$? -eq 1 ]
 LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot cifar10-data cifar-split \
-	test lint format clean-demo
+.PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot bench-kd \
+	bench-views cifar10-data cifar-split test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -193,6 +193,17 @@ outputs/cifar_split/report.md: $(foreach r,$(CS_RUNS),outputs/$(r)/eval/metrics.
 	$(CLI) report run=cifar_split stage.runs=[cifar_split_k*] \
 	    stage.metrics=[best_val_acc,top1]
 	$(CLI) eval run=cifar_split_k10_seed0
+
+# --- the distillation step's cost (docs/performance.md) ----------------------------------------
+bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~6 min)
+	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --variants plain,prepared,bf16,compile,compile_bf16 \
+	    --out docs/bench_kd_loop.json
+
+bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_views=K, glyphs and CIFAR-10 (~30 min)
+	$(BIN)/python bench/aug_views.py --data glyphs --views 1,2,4,8,16,none --seeds 0,1,2 \
+	    --out docs/bench_aug_views_glyphs.json
+	$(BIN)/python bench/aug_views.py --data $(CIFAR10) --views 1,2,4,8,none --seeds 0,1 \
+	    --out docs/bench_aug_views_cifar10.json
 
 # --- real CIFAR-10 images: ../shared/data's JPEG tarball, extracted once into data/ -----------
 cifar10-data: $(CIFAR10)/.extracted ## extract the CIFAR-10 JPEG tarball into data/cifar10_jpeg (once)

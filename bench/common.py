@@ -32,3 +32,15 @@ def run(out: Path, *args: str) -> float:
     if proc.returncode != 0:
         sys.exit(f"failed: distill-cli {' '.join(args)}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def subset(data: Path, root: Path, classes: int, per_class: int) -> None:
+    """Links the first ``per_class`` images of the first ``classes`` classes into ``root/train``.
+
+    The decoded-image cache then lives in ``root``, never in the shared data folder.
+    """
+    for folder in sorted(p for p in (data / "train").iterdir() if p.is_dir())[:classes]:
+        target = root / "train" / folder.name
+        target.mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            (target / image.name).symlink_to(image.resolve())

@@ -121,6 +121,7 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                                       cache_at)  # fmt: skip
         summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
         summary["teacher_params"] = count_params(teacher)
+        st.manifest["teacher_prep"] = goal.teacher.info  # as prepared, checked, maybe fallen back
         if goal.cache is not None:
             summary["teacher_cache_hit_rate"] = save_cache(st, goal.cache)
         return _finish(st, student, summary)

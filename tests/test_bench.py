@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 CPU_FORMATS = BENCH.parent / "cpu_formats.py"
 DATA_CACHE = BENCH.parent / "data_cache.py"
@@ -83,3 +85,44 @@ def test_fewshot_cost_benchmark_smoke(tmp_path):
         assert default["n_train"] == default["n_val"] == 20  # 2 shots and 2 held out, 10 classes
         assert val1["n_val"] == 10 and val1["wall_s"] > 0
         assert report[stage]["default_over_val1"] > 0
+
+
+def test_kd_loop_benchmark_smoke(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):  # a tiny CIFAR-shaped image folder
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(16):
+            pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    out = tmp_path / "kd.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "kd_loop.py"), "--data", str(tmp_path / "data"),
+         "--classes", "2", "--per-class", "16", "--batch", "8", "--epochs", "1",
+         "--teacher-epochs", "1", "--workers", "0", "--rounds", "1", "--reps", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rates = report["images_per_sec"]
+    assert {"reference", "distill_plain", "distill_prepared", "distill_cached"} <= rates.keys()
+    assert all(v > 0 for v in rates.values()) and report["cached_hit_rate"] == 1.0
+    teacher = report["teacher"]
+    assert teacher["prep"]["prepared"]["folded"] == 10  # resnet8x4
+    assert 0 < teacher["teacher_share_of_step"]["prepared"] < 1
+    assert teacher["forward_speedup_over_plain"]["prepared"] > 0
+
+
+def test_aug_views_benchmark_smoke(tmp_path):
+    out = tmp_path / "views.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "aug_views.py"), "--data", "glyphs", "--views",
+         "1,none", "--seeds", "0", "--epochs", "2", "--teacher-epochs", "1",
+         "--finetune-epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    views = json.loads(out.read_text())["views"]
+    assert views["none"]["hit_rate"]["mean"] == 0.0 and views["1"]["hit_rate"]["mean"] > 0
+    assert views["none"]["time_over_none"] == 1.0 and views["1"]["best_val_acc"]["mean"] >= 0

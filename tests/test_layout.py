@@ -186,6 +186,7 @@ def test_config_names_match_the_registries():
     from distill_cli.data import DATASETS
     from distill_cli.kd.features import FEATURE_METHODS
     from distill_cli.kd.losses import LOGIT_METHODS
+    from distill_cli.kd.teacher_prep import PRECISIONS, PREPS
     from distill_cli.models import MODELS, TORCHVISION_MODELS
 
     assert set(config.MODELS) == set(MODELS)
@@ -194,6 +195,7 @@ def test_config_names_match_the_registries():
     assert set(config.LOGIT_METHODS) == set(LOGIT_METHODS)
     assert set(config.KD_METHODS) == set(LOGIT_METHODS) | set(FEATURE_METHODS)
     assert not set(LOGIT_METHODS) & set(FEATURE_METHODS)
+    assert config.TEACHER_PREPS == PREPS and config.TEACHER_PRECISIONS == PRECISIONS
 
 
 def test_config_groups_match_the_registries():

@@ -212,3 +212,15 @@ def test_the_switch_turns_the_cache_off(teacher_run):
     folder, manifest = _job(teacher_run, "off", "stage.teacher_cache=false")
     assert "teacher_cache" not in manifest
     assert "teacher_cache_hit_rate" not in json.loads((folder / "metrics.json").read_text())
+
+
+def test_the_cache_key_records_the_teacher_preparation(teacher_run):
+    _, plain = _job(teacher_run, "prep_none", "stage.teacher_prep=none")
+    _, folded = _job(teacher_run, "prep_fold", "stage.teacher_prep=fold")
+    _, again = _job(teacher_run, "prep_none2", "stage.teacher_prep=none", "kd.temperature=2")
+    assert plain["teacher_prep"]["prep"] == "none" and folded["teacher_prep"]["prep"] == "fold"
+    assert folded["teacher_prep"]["folded"] == 9 and folded["teacher_prep"]["max_error"] < 1e-3
+    assert plain["teacher_cache"]["key"] != folded["teacher_cache"]["key"]
+    assert plain["teacher_cache"]["hit_rate"] == 0.0  # no cached output of another preparation
+    assert again["teacher_cache"]["key"] == plain["teacher_cache"]["key"]
+    assert again["teacher_cache"]["hit_rate"] == 1.0

@@ -27,6 +27,7 @@ from distill_cli.data import convert, load_dataset, unlabeled_indices
 from distill_cli.kd.features import FEATURE_METHODS, FeatureDistiller, feature_shapes
 from distill_cli.kd.losses import UNLABELLED, distill_loss
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
+from distill_cli.kd.teacher_prep import PreparedTeacher, resolve
 
 log = logging.getLogger("distill_cli")
 
@@ -95,6 +96,7 @@ class Objective(NamedTuple):
     loss_fn: Callable  # (model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})
     adapters: torch.nn.Module | None  # feature adapters: train with the student, never saved in it
     cache: TeacherCache | None  # teacher outputs reused across epochs and jobs
+    teacher: PreparedTeacher  # the teacher as it runs: prepared (stage.teacher_prep) and checked
 
 
 CACHE_BUDGET_BYTES = 2 * 1024**3  # a cache expected to grow past this is not kept
@@ -141,16 +143,18 @@ def objective(
     else:
         logit_method, logit_options = method, kd
     names = list(distiller.teacher_layers) if distiller is not None else []
+    prepared = _prepared_teacher(cfg, teacher, names, device)
 
-    @torch.no_grad()
     def teacher_outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not names:
-            return {"logits": teacher(x)}
-        logits, feats = teacher.forward_with_features(x)
-        return {"logits": logits, **{name: feats[name] for name in names}}
+        return prepared(x)
 
+    if cache_at is not None and prepared.checked is None:  # the cache key records the outcome:
+        batch = next(iter(train), None)  # compare with the plain teacher before the first step
+        if batch is not None:
+            teacher_outputs(batch[0])
     per_image = teacher.num_classes + sum(math.prod(teacher_shapes[n]) for n in names)
-    cache = _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device)
+    cache = _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device,
+                   prepared.key())  # fmt: skip
 
     def loss_fn(model, x, y):
         ramp = min(1.0, train.epoch / warmup) if warmup else 1.0
@@ -169,13 +173,26 @@ def objective(
             parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
         return logits, parts
 
-    return Objective(loss_fn, distiller, cache)
+    return Objective(loss_fn, distiller, cache, prepared)
 
 
-def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):
+def _prepared_teacher(cfg, teacher, names, device) -> PreparedTeacher:
+    """The teacher as ``stage.teacher_prep`` and ``stage.teacher_precision`` prepare it."""
+    precision = cfg.stage.get("teacher_precision")
+    if precision == "float16" and device.type != "cuda":
+        raise StageError(
+            f"stage.teacher_precision=float16 runs only on CUDA, not on {device.type}; use "
+            "bfloat16, float32 or null"
+        )
+    prep = resolve(cfg.stage.get("teacher_prep"), cfg.device.compile)
+    return PreparedTeacher(teacher, names, prep, precision)
+
+
+def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device, prep):
     """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``.
 
-    ``per_image`` is the number of values cached per (view, image): logits and ``names``.
+    ``per_image`` is the number of values cached per (view, image): logits and ``names``;
+    ``prep`` is how the teacher was prepared, part of the key.
     """
     if cache_at is None:
         return None
@@ -187,5 +204,5 @@ def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):
                  4 * per_image * seen / 1e9, CACHE_BUDGET_BYTES / 1e9, names)  # fmt: skip
         return None
     folder, parts = cache_at
-    key = cache_key({**parts, "outputs": ["logits", *names]})
+    key = cache_key({**parts, "outputs": ["logits", *names], "teacher_prep": prep})
     return TeacherCache(teacher_outputs, train.num_samples, folder / f"{key}.pt", key, device)

@@ -1,0 +1,211 @@
+"""The frozen teacher, prepared once for fast inference and checked against the plain one.
+
+    distill-cli distill stage.teacher_prep=compile stage.teacher_precision=bfloat16
+
+The teacher never trains, so what training needs (separate BatchNorm passes, autograd records,
+an eager graph) can go before the first step:
+
+- ``fold``: BatchNorm folded into the convolution before it (``models.fold``), the teacher's
+  memory layout kept (channels-last when the stage uses it), forward under
+  ``torch.inference_mode``. Exact up to float rounding.
+- ``compile``: ``fold``, then ``torch.compile`` of the teacher's forward alone (its first
+  batch compiles: seconds to tens of seconds, paid back only by long jobs).
+- ``none``: the plain eval-mode teacher under ``torch.no_grad``.
+
+``precision`` runs the teacher's forward in its own number format whatever the student's:
+``float32`` (autocast off), ``bfloat16`` or ``float16`` (autocast); None keeps the student's.
+
+Every preparation is compared once with the plain teacher on a real batch: each output (logits
+and the features the method reads) must lie within :data:`TOLERANCE` of the plain one, relative
+to the largest plain value (at least 1). Otherwise, or if the preparation fails, the plain
+teacher takes over and one warning line says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from distill_cli.models.fold import fold_batchnorm
+from distill_cli.models.interface import DistillModel
+
+log = logging.getLogger("distill_cli")
+
+PREPS = ("none", "fold", "compile")
+PRECISIONS = ("float32", "bfloat16", "float16")
+# Largest allowed |prepared - plain| over max(1, max |plain|), by the outputs' precision:
+# folding only reorders float32 rounding (measured below 2e-6 on every model of the zoo); a
+# half-precision forward keeps 8 (bfloat16) or 11 (float16) bits of each value.
+TOLERANCE = {"float32": 1e-3, "half": 5e-2}
+
+
+def resolve(prep: str | None, compile: bool) -> str:
+    """``stage.teacher_prep``: null means ``fold``, or ``compile`` when ``device.compile`` is on."""
+    if prep is None:
+        return "compile" if compile else "fold"
+    if prep not in PREPS:
+        raise ValueError(f"unknown teacher preparation {prep!r}; valid: {', '.join(PREPS)}")
+    return prep
+
+
+class PreparedTeacher:
+    """The teacher's outputs by name (``logits`` and ``names``), from its prepared form.
+
+    Args:
+        teacher: The frozen teacher in eval mode (its memory format is kept).
+        names: The features the distillation method reads (``forward_with_features`` keys).
+        prep: One of :data:`PREPS`.
+        precision: One of :data:`PRECISIONS`, or None for the surrounding autocast (the
+            student's).
+    """
+
+    def __init__(
+        self,
+        teacher: DistillModel,
+        names: Sequence[str] = (),
+        prep: str = "fold",
+        precision: str | None = None,
+    ) -> None:
+        if prep not in PREPS or precision not in (None, *PRECISIONS):
+            raise ValueError(f"teacher preparation {prep!r}, precision {precision!r}: unknown")
+        self.plain, self.names = teacher, tuple(names)
+        self.prep, self.precision = prep, precision
+        self.info: dict = {"prep": prep, "precision": precision}
+        self.checked: bool | None = None  # None: not compared with the plain teacher yet
+        self._run: Callable[[Tensor], dict[str, Tensor]] = self._plain
+        if prep == "none" and precision is None:
+            self.checked = True  # the plain teacher itself: nothing to check
+            return
+        try:
+            self._run = self._build()
+        except Exception as exc:  # a preparation that cannot be built: the plain teacher runs
+            self._fall_back(f"{type(exc).__name__}: {exc}")
+
+    def _build(self) -> Callable[[Tensor], dict[str, Tensor]]:
+        model = self.plain
+        if self.prep != "none":
+            model, report = fold_batchnorm(model)
+            self.info.update(folded=report.folded, left=report.left, untraced=report.untraced)
+            channels_last = _is_channels_last(self.plain)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.info.update(channels_last=channels_last, inference_mode=True)
+        forward = _outputs(model, self.names)
+        if self.prep == "compile":
+            forward = torch.compile(forward)
+        precision, inference = self.precision, self.prep != "none"
+
+        def run(x: Tensor) -> dict[str, Tensor]:
+            grad = torch.inference_mode() if inference else torch.no_grad()
+            with grad, _autocast(x.device.type, precision):
+                out = forward(x)
+            # Inference tensors cannot be saved for backward; the losses may need to.
+            return {k: v.clone() for k, v in out.items()} if inference else out
+
+        return run
+
+    def __call__(self, x: Tensor) -> dict[str, Tensor]:
+        """Outputs for a batch; the first call compares them with the plain teacher's."""
+        if self.checked is None:
+            return self.check(x)
+        return self._run(x)
+
+    def check(self, x: Tensor) -> dict[str, Tensor]:
+        """Compares the prepared teacher with the plain one on ``x``; falls back on a mismatch.
+
+        Returns:
+            The outputs for ``x`` of the teacher that runs from now on.
+        """
+        if self.checked is not None:
+            return self._run(x)
+        plain = self._plain(x)
+        start = time.perf_counter()
+        try:
+            prepared = self._run(x)
+        except Exception as exc:  # e.g. torch.compile without a working C++ compiler
+            self._fall_back(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+            return plain
+        self.info["first_batch_s"] = round(time.perf_counter() - start, 3)
+        outputs = (*plain.values(), *prepared.values())
+        half = any(v.dtype in (torch.float16, torch.bfloat16) for v in outputs)
+        tolerance = TOLERANCE["half" if half else "float32"]
+        error = max(_relative_error(prepared[k], plain[k]) for k in plain)
+        self.info.update(max_error=float(f"{error:.3g}"), tolerance=tolerance)
+        if not error <= tolerance:  # NaN too
+            self._fall_back(f"outputs differ from the plain teacher's by {error:.3g} relative "
+                            f"(tolerance {tolerance:g})")  # fmt: skip
+            return plain
+        self.checked = True
+        log.info("teacher prepared (%s): %s", self.prep, self.summary())
+        return prepared
+
+    def _fall_back(self, why: str) -> None:
+        asked = f"stage.teacher_prep={self.prep}" + (
+            f" stage.teacher_precision={self.precision}" if self.precision else ""
+        )
+        log.warning("%s not used (%s): the plain teacher runs", asked, why)
+        self.info = {"prep": "none", "precision": None, "fallback": f"{asked}: {why}"}
+        self._run, self.checked = self._plain, False
+
+    @torch.no_grad()
+    def _plain(self, x: Tensor) -> dict[str, Tensor]:
+        return _outputs(self.plain, self.names)(x)
+
+    def key(self) -> dict:
+        """What the teacher's outputs depend on, for the teacher cache's key."""
+        return {k: self.info.get(k) for k in ("prep", "precision", "channels_last")}
+
+    def summary(self) -> str:
+        """One line: what was prepared and how close it came to the plain teacher."""
+        i = self.info
+        parts = []
+        if "folded" in i:
+            parts.append(f"{i['folded']} BatchNorms folded, {i['left']} left"
+                         + (f" (untraced stages {', '.join(i['untraced'])})" if i["untraced"]
+                            else ""))  # fmt: skip
+            parts.append("channels-last" if i["channels_last"] else "contiguous")
+            parts.append("inference mode")
+        if self.prep == "compile":
+            parts.append(f"compiled (first batch {i.get('first_batch_s', 0):.1f} s)")
+        parts.append(f"precision {self.precision or 'as the student'}")
+        if "max_error" in i:
+            parts.append(f"outputs within {i['max_error']:.2g} of the plain teacher's "
+                         f"(tolerance {i['tolerance']:g})")  # fmt: skip
+        return ", ".join(parts)
+
+
+def _outputs(model: DistillModel, names: tuple[str, ...]) -> Callable[[Tensor], dict[str, Tensor]]:
+    def forward(x: Tensor) -> dict[str, Tensor]:
+        if not names:
+            return {"logits": model(x)}
+        logits, feats = model.forward_with_features(x)
+        return {"logits": logits, **{name: feats[name] for name in names}}
+
+    return forward
+
+
+def _autocast(device_type: str, precision: str | None) -> contextlib.AbstractContextManager:
+    if precision is None:
+        return contextlib.nullcontext()  # the surrounding autocast, the student's
+    if precision == "float32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=getattr(torch, precision))
+
+
+def _is_channels_last(model: torch.nn.Module) -> bool:
+    # every conv: a 1x1 kernel's weight counts as both layouts
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return bool(convs) and all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs
+    )
+
+
+def _relative_error(prepared: Tensor, plain: Tensor) -> float:
+    plain = plain.float()
+    scale = max(1.0, plain.abs().max().item()) if plain.numel() else 1.0
+    return (prepared.float() - plain).abs().max().item() / scale if plain.numel() else 0.0

@@ -1,0 +1,130 @@
+"""The prepared teacher: checked against the plain one, its fallback, precision and options."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from distill_cli.config import ConfigError, StageError, check
+from distill_cli.kd import teacher_prep
+from distill_cli.kd.distillation import _prepared_teacher
+from distill_cli.kd.teacher_prep import TOLERANCE, PreparedTeacher, resolve
+from distill_cli.models import build_model
+from distill_cli.models.fold import fold_batchnorm
+from tests.test_fold import random_statistics
+
+
+def _teacher(name="resnet8", channels_last=False):
+    torch.manual_seed(0)
+    model = random_statistics(build_model(name, 10, 3, 16))
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _batch(channels_last=False):
+    x = torch.randn(8, 3, 16, 16)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def test_prepared_teacher_matches_the_plain_one_and_keeps_the_layout():
+    teacher = _teacher(channels_last=True)
+    prepared = PreparedTeacher(teacher, ["layer2", "pooled"], "fold")
+    x = _batch(channels_last=True)
+    out = prepared(x)  # the first call is the check
+    assert prepared.checked is True and prepared.info["max_error"] <= TOLERANCE["float32"]
+    assert prepared.info["channels_last"] is True and prepared.info["folded"] == 9
+    with torch.no_grad():
+        logits, feats = teacher.forward_with_features(x)
+    assert out.keys() == {"logits", "layer2", "pooled"}
+    assert torch.allclose(out["logits"], logits, atol=1e-5)
+    assert torch.allclose(out["layer2"], feats["layer2"], atol=1e-5)
+    # outputs made in inference mode are plain tensors again: a loss may save them for backward
+    again = prepared(x)
+    assert not again["logits"].is_inference()
+    student = torch.randn(8, 10, requires_grad=True)
+    F.mse_loss(student, again["logits"]).backward()
+    assert student.grad is not None
+    assert "9 BatchNorms folded, 0 left" in prepared.summary()
+
+
+def _broken_fold(model):
+    folded, report = fold_batchnorm(model)
+    with torch.no_grad():
+        folded.head.weight.add_(1.0)  # a preparation that changes the outputs
+    return folded, report
+
+
+def test_a_preparation_that_breaks_the_outputs_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(teacher_prep, "fold_batchnorm", _broken_fold)
+    teacher = _teacher()
+    prepared = PreparedTeacher(teacher, [], "fold")
+    x = _batch()
+    with caplog.at_level(logging.WARNING, logger="distill_cli"):
+        out = prepared(x)
+    assert prepared.checked is False and prepared.key()["prep"] == "none"
+    assert "stage.teacher_prep=fold not used" in caplog.text
+    assert "the plain teacher runs" in caplog.text
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
+    with torch.no_grad():
+        plain = teacher(x)
+    assert torch.equal(out["logits"], plain) and torch.equal(prepared(x)["logits"], plain)
+
+
+def test_a_preparation_that_fails_falls_back(monkeypatch, caplog):
+    def no_compiler(fn):
+        def fail(x):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    prepared = PreparedTeacher(_teacher(), [], "compile")
+    with caplog.at_level(logging.WARNING, logger="distill_cli"):
+        prepared(_batch())
+    assert prepared.checked is False and "InvalidCxxCompiler" in caplog.text
+    assert "no working C++" in prepared.info["fallback"]
+
+
+def test_compile_wraps_the_folded_forward(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    prepared = PreparedTeacher(_teacher(), ["pooled"], "compile")
+    prepared(_batch())
+    assert len(compiled) == 1 and prepared.checked is True
+    assert prepared.key()["prep"] == "compile" and "compiled" in prepared.summary()
+
+
+def test_precision_is_the_teachers_own():
+    teacher, x = _teacher(), _batch()
+    bf16 = PreparedTeacher(teacher, ["pooled"], "fold", precision="bfloat16")
+    out = bf16(x)  # the CPU runs the autocast code path a CUDA teacher takes
+    assert out["logits"].dtype == torch.bfloat16 and bf16.checked is True
+    assert bf16.info["tolerance"] == TOLERANCE["half"]
+    fp32 = PreparedTeacher(teacher, [], "none", precision="float32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the student's autocast
+        assert fp32(x)["logits"].dtype == torch.float32
+    assert fp32.checked is True
+
+
+def test_the_cache_key_records_the_preparation():
+    teacher = _teacher()
+    keys = [PreparedTeacher(teacher, [], prep, precision).key()
+            for prep, precision in (("none", None), ("fold", None), ("compile", None),
+                                    ("fold", "bfloat16"), ("fold", "float32"))]  # fmt: skip
+    assert len({str(k) for k in keys}) == len(keys)
+
+
+def test_the_options_resolve_and_are_checked(make_cfg):
+    assert resolve(None, compile=False) == "fold" and resolve(None, compile=True) == "compile"
+    assert resolve("none", compile=True) == "none"
+    cfg = make_cfg("stage=distill", "stage.teacher_prep=fast")
+    with pytest.raises(ConfigError, match=r"stage.teacher_prep='fast' is invalid: expected one "
+                                          r"of none, fold, compile or null"):  # fmt: skip
+        check(cfg)
+    with pytest.raises(ConfigError, match="stage.teacher_precision"):
+        check(make_cfg("stage=distill", "stage.teacher_precision=half"))
+    cfg = OmegaConf.create({"stage": {"teacher_precision": "float16", "teacher_prep": None},
+                            "device": {"compile": False}})  # fmt: skip
+    with pytest.raises(StageError, match="float16 runs only on CUDA"):
+        _prepared_teacher(cfg, _teacher(), [], torch.device("cpu"))

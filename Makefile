@@ -161,6 +161,9 @@ CS_S_EPOCHS_5 := 300
 CS_S_EPOCHS_10 := 300
 CS_S_EPOCHS_50 := 100
 CS_S_EPOCHS_250 := 30
+# Extra overrides for every job, e.g. `make -j2 cifar-split CS_EXTRA=device.threads=1` runs two
+# shots/seed runs at a time on one core each.
+CS_EXTRA ?=
 CS_RUNS := $(foreach k,$(CS_SHOTS),$(foreach s,$(CS_SEEDS),cifar_split_k$(k)_seed$(s)))
 
 cifar-split: outputs/cifar_split/report.md ## CIFAR-10 animals -> vehicles: shots curve, 3 seeds, report + plots (~70 min)
@@ -174,7 +177,7 @@ $(CS_TEACHER_CKPT): $(STAMP) $(CIFAR10)/.extracted
 outputs/cifar_split_%/eval/metrics.json: $(CS_TEACHER_CKPT)
 	$(eval K := $(patsubst k%,%,$(word 1,$(subst _, ,$*))))
 	$(eval S := $(patsubst seed%,%,$(word 2,$(subst _, ,$*))))
-	$(eval RUNARGS := run=cifar_split_$* seed=$(S) overwrite=true)
+	$(eval RUNARGS := run=cifar_split_$* seed=$(S) overwrite=true $(CS_EXTRA))
 	$(eval DATA_K := $(CS_TARGET) dataset.shots=$(K) dataset.subset_seed=$(S))
 	$(CLI) finetune $(RUNARGS) $(DATA_K) stage.from=outputs/cifar_split/pretrain \
 	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
@@ -187,7 +190,7 @@ outputs/cifar_split_%/eval/metrics.json: $(CS_TEACHER_CKPT)
 	    optimizer.lr=0.02
 	$(CLI) pretrain $(RUNARGS) $(DATA_K) model=$(CS_STUDENT) tag=scratch_student \
 	    stage.epochs=$(CS_S_EPOCHS_$(K)) optimizer.lr=0.02
-	$(CLI) eval run=cifar_split_$* stage.plots=false
+	$(CLI) eval run=cifar_split_$* stage.plots=false $(CS_EXTRA)
 
 outputs/cifar_split/report.md: $(foreach r,$(CS_RUNS),outputs/$(r)/eval/metrics.json)
 	$(CLI) report run=cifar_split stage.runs=[cifar_split_k*] \

@@ -6,9 +6,10 @@ r"""What a few-shot stage costs under each validation protocol and checkpoint in
 
 A teacher (``resnet8x4``) is pretrained briefly on the source classes, only so that there is one
 to finetune: its accuracy does not matter here. Then the 10-shot finetune (and a distill of the
-finetuned teacher into ``cnn_padded``) runs once per setting, each a fresh ``distill-cli`` process, and
-the wall time of the whole command is measured with its training time (``train_time_s``). Each
-distill runs in a run of its own, so that none reads teacher outputs another one cached:
+finetuned teacher into ``cnn_padded``) runs once per setting, each a fresh ``distill-cli``
+process, and the wall time of the whole command is measured with its training time
+(``train_time_s``). Each distill runs in a run of its own, so that none reads teacher outputs
+another one cached:
 
 - ``default``: the few-shot protocol (validation holds as many images per class as the shots)
   and checkpoints every ``stage.save_every_s`` (60 s);
@@ -87,7 +88,13 @@ def main() -> None:
                 out, "bench", f"ft_{name}", finetune, SETTINGS[name]
             )
         teacher = f"stage.from={out / 'bench' / f'ft_{chosen[0]}'}"
-        distill = ["distill", *target, "model=cnn_padded", teacher, f"stage.epochs={a.distill_epochs}"]
+        distill = [
+            "distill",
+            *target,
+            "model=cnn_padded",
+            teacher,
+            f"stage.epochs={a.distill_epochs}",
+        ]
         for name in chosen:  # a run each: its own teacher cache, filled from cold
             results["distill"][name] = measure(
                 out, f"kd_{name}", "distill", distill, SETTINGS[name]

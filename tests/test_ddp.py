@@ -136,7 +136,8 @@ def _replica_step(rank: int, init_file: str, out: str) -> None:
     _loss(logits, feats, y[rank::2], extra).backward()
     grads = {n: p.grad for n, p in [*model.named_parameters(), *extra.named_parameters(prefix="x")]}
     torch.save(grads, f"{out}/{rank}.pt")
-    dist.barrier()  # as distributed.leave does: no process tears gloo down while the other still talks
+    # as distributed.leave does: no process tears gloo down while the other still talks
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -30,6 +30,7 @@ SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 KD_METHODS = ("kd", "logit_mse", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd")
 LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist")
+CRD_NEGATIVES = ("other_class", "uniform")
 TRANSFER_SETS = ("labeled", "target", "source", "source+target")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
@@ -212,6 +213,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd.nce_k": _int(1),
     "kd.nce_t": _POSITIVE,
     "kd.nce_m": _num(0, 1, hi_open=True),
+    "kd.nce_negatives": _one_of(CRD_NEGATIVES),
     "stage.transfer_set": _one_of(TRANSFER_SETS),
     "stage.unlabeled_limit": _optional(_int(0)),
     "stage.unlabeled_ratio": _int(1),

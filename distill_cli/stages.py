@@ -120,7 +120,7 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
         summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
-        summary["teacher_params"] = count_params(teacher)
+        summary.update(teacher_params=count_params(teacher), **goal.summary())
         if goal.cache is not None:
             summary["teacher_cache_hit_rate"] = save_cache(st, goal.cache)
         return _finish(st, student, summary)

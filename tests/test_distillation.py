@@ -154,16 +154,16 @@ def test_interrupted_crd_resumes_to_the_same_weights_and_memory_bank(
     real = distillation.objective
 
     def stopping_objective(cfg, teacher, student, train, shape, device, cache_at):
-        loss_fn, adapters, cache = real(cfg, teacher, student, train, shape, device, cache_at)
+        goal = real(cfg, teacher, student, train, shape, device, cache_at)
         calls = {"n": 0}
 
         def loss(model, x, y):
             calls["n"] += 1
             if train.epoch == 2 and calls["n"] == len(train) + 1:  # first step of epoch 2
                 os.kill(os.getpid(), signal.SIGINT)  # handled: stop after this step
-            return loss_fn(model, x, y)
+            return goal.loss_fn(model, x, y)
 
-        return distillation.Objective(loss, adapters, cache)
+        return goal._replace(loss_fn=loss)
 
     monkeypatch.setattr(distillation, "objective", stopping_objective)
     with pytest.raises(Interrupted):

@@ -95,6 +95,7 @@ class Objective(NamedTuple):
     loss_fn: Callable  # (model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})
     adapters: torch.nn.Module | None  # feature adapters: train with the student, never saved in it
     cache: TeacherCache | None  # teacher outputs reused across epochs and jobs
+    summary: Callable[[], dict] = dict  # what metrics.json should keep about the method
 
 
 CACHE_BUDGET_BYTES = 2 * 1024**3  # a cache expected to grow past this is not kept
@@ -116,8 +117,8 @@ def objective(
         teacher: The frozen teacher, in eval mode.
         student: The student being trained.
         train: The training loader; its ``epoch`` drives ``kd.warmup_epochs``, its
-            ``last_index`` gives CRD each image's memory-bank row and, with ``last_view``,
-            the teacher cache its entry.
+            ``last_index`` gives CRD each image's memory-bank row (and its ``labels`` each
+            row's class) and, with ``last_view``, the teacher cache its entry.
         shape: (channels, height, width) of the images.
         device: Where the adapters live.
         cache_at: (file, key parts) of the teacher cache from ``stages.cache_location``; None runs
@@ -126,18 +127,27 @@ def objective(
     kd = OmegaConf.to_container(cfg.kd)
     method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
     feat_w, warmup = kd.pop("feat_weight", 0.0), kd.pop("warmup_epochs", 0)
-    distiller, teacher_shapes = None, {}
+    distiller, teacher_shapes, record = None, {}, {}
     if method in FEATURE_METHODS:
         logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}
+        labels = train.labels if method == "crd" else None  # CRD draws negatives by class
         c, size, _ = shape
         teacher_shapes = feature_shapes(teacher, c, size)
         try:
             distiller = FeatureDistiller(
                 method, feature_shapes(student, c, size), teacher_shapes,
-                num_samples=train.num_samples, **kd,
+                num_samples=train.num_samples, labels=labels, **kd,
             ).to(device)  # fmt: skip
         except ValueError as exc:  # a method that cannot apply to these models: one line
             raise StageError(str(exc)) from None
+        record = distiller.record
+        log.info(
+            "kd=%s: student %s, teacher %s%s",
+            method,
+            distiller.student_layers,
+            distiller.teacher_layers,
+            "".join(f"; {k} {v}" for k, v in record.items()),
+        )
     else:
         logit_method, logit_options = method, kd
     names = list(distiller.teacher_layers) if distiller is not None else []
@@ -169,7 +179,7 @@ def objective(
             parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
         return logits, parts
 
-    return Objective(loss_fn, distiller, cache)
+    return Objective(loss_fn, distiller, cache, lambda: dict(record))
 
 
 def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):

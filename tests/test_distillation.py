@@ -76,6 +76,46 @@ def test_feature_terms_combine_with_logit_kd(make_cfg, teacher_run):
     assert row["train_loss"] == pytest.approx(1.0 * ce + 0.9 * kd + 100.0 * feat, rel=1e-4)
 
 
+def test_a_pretrain_teacher_sees_its_own_normalisation(make_cfg, teacher_run, monkeypatch):
+    from distill_cli.kd import distillation
+
+    out = ck.Path(make_cfg().out_dir)
+    ten = "dataset.classes=[0,1,2,3,4,5,6,7,8,9]"  # the target's class count, the source's images
+    _run(make_cfg, "stage=pretrain", "run=p", *SRC, ten, "model=resnet8")
+    pretrained = ck.load_checkpoint(out / "p" / "pretrain" / "best.pt")
+    seen = {}
+    real = distillation.objective
+
+    def spy(cfg, teacher, student, train, shape, device, cache_at):
+        seen.update(teacher=teacher, train=train)
+        return real(cfg, teacher, student, train, shape, device, cache_at)
+
+    monkeypatch.setattr(distillation, "objective", spy)
+    cfg = make_cfg("stage=distill", "run=p", f"stage.from={out / 'p' / 'pretrain'}", *TGT,
+                   "stage.transfer_set=source", "stage.unlabeled_limit=20")  # fmt: skip
+    check(cfg)
+    run_stage(cfg, None)
+    summary = json.loads((out / "p" / "distill" / "metrics.json").read_text())
+    assert summary["teacher_normalisation"] == {
+        "mean": pretrained["mean"], "std": pretrained["std"], "dataset": "glyphs_source",
+        "renormalised": True,
+    }  # fmt: skip
+    student = ck.load_checkpoint(out / "p" / "distill" / "best.pt")
+    assert student["mean"] != pretrained["mean"]  # the student's are the target's
+    # the teacher the objective runs maps the student's batch to the raw teacher on its own
+    # normalisation of the same pixels: labelled target images and unlabelled source images
+    images = torch.cat([seen["train"].labeled.x[:3], seen["train"].unlabeled.x[:3]]).float() / 255
+
+    def normalised(stats):
+        mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        return (images - mean) / std
+
+    raw = ck.model_from_checkpoint(pretrained).eval()
+    with torch.no_grad():
+        assert torch.allclose(seen["teacher"](normalised(student)), raw(normalised(pretrained)),
+                              atol=1e-4)  # fmt: skip
+
+
 def test_target_transfer_set_adds_the_unlabelled_target_images(make_cfg, teacher_run):
     folder = _distill(make_cfg, teacher_run, "stage.transfer_set=target",
                       "stage.unlabeled_limit=40", tag="t")  # fmt: skip

@@ -30,7 +30,8 @@ from distill_cli.kd.teacher_cache import TeacherCache, cache_key
 
 log = logging.getLogger("distill_cli")
 
-__all__ = ["UNLABELLED", "Objective", "objective", "source_dataset", "unlabeled_images"]
+__all__ = ["UNLABELLED", "NormalisedTeacher", "Objective", "objective", "source_dataset",
+           "unlabeled_images", "with_own_normalisation"]  # fmt: skip
 
 
 def unlabeled_images(
@@ -89,6 +90,75 @@ def source_dataset(teacher_path: str | Path, target: str) -> dict:
         path = Path(parent)
 
 
+class NormalisedTeacher(torch.nn.Module):
+    """The teacher, fed the student's batches normalised with the teacher's own statistics.
+
+    Batches come normalised with the student's training-split mean and std; a teacher whose
+    checkpoint records others (one taken straight from pretraining on the source) must see
+    ``(x / 255 - mean_t) / std_t``. That is one per-channel multiply-add on the student's batch:
+    ``x_t = x_s * std_s / std_t + (mean_s - mean_t) / std_t``.
+
+    Args:
+        teacher: The frozen teacher.
+        student_stats: (mean, std) per channel the batches are normalised with.
+        teacher_stats: (mean, std) per channel from the teacher's checkpoint.
+    """
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        student_stats: tuple[list[float], list[float]],
+        teacher_stats: tuple[list[float], list[float]],
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        (mean_s, std_s), (mean_t, std_t) = (
+            [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in pair]
+            for pair in (student_stats, teacher_stats)
+        )
+        self.register_buffer("scale", std_s / std_t, persistent=False)
+        self.register_buffer("shift", (mean_s - mean_t) / std_t, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        """The teacher's class count."""
+        return self.teacher.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for the re-normalised batch."""
+        return self.teacher(x * self.scale + self.shift)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The teacher's logits and features for the re-normalised batch."""
+        return self.teacher.forward_with_features(x * self.scale + self.shift)
+
+
+def with_own_normalisation(
+    teacher: torch.nn.Module, own: dict, student_stats: tuple[list[float], list[float]]
+) -> tuple[torch.nn.Module, dict]:
+    """The teacher as it must be fed: with its own checkpoint's normalisation.
+
+    Args:
+        teacher: The frozen teacher, on its device.
+        own: ``{"mean", "std", "dataset"}`` from the teacher's checkpoint.
+        student_stats: (mean, std) the batches are normalised with.
+
+    Returns:
+        The teacher to run (a :class:`NormalisedTeacher` where the statistics differ) and what
+        metrics.json records about it.
+    """
+    mean, std = own["mean"], own["std"]
+    if mean is None or (mean, std) == tuple(student_stats):
+        log.info("teacher normalisation: the student's (its checkpoint's statistics are the same)")
+        return teacher, {**own, "renormalised": False}
+    log.info("teacher normalisation: its own checkpoint's (%s statistics, mean %s std %s); the "
+             "student's batches are re-normalised for it", own["dataset"],
+             [round(v, 4) for v in mean], [round(v, 4) for v in std])  # fmt: skip
+    device = next(teacher.parameters()).device
+    wrapped = NormalisedTeacher(teacher, student_stats, (mean, std)).to(device)
+    return wrapped, {**own, "renormalised": True}
+
+
 class Objective(NamedTuple):
     """What :func:`objective` builds for the distill stage."""
 
@@ -114,7 +184,8 @@ def objective(
 
     Args:
         cfg: The stage's config (reads the ``kd`` group).
-        teacher: The frozen teacher, in eval mode.
+        teacher: The frozen teacher, in eval mode (a :class:`NormalisedTeacher` where its
+            statistics differ from the student's).
         student: The student being trained.
         train: The training loader; its ``epoch`` drives ``kd.warmup_epochs``, its
             ``last_index`` gives CRD each image's memory-bank row (and its ``labels`` each

@@ -199,7 +199,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd.ce_weight": _NONNEG,
     "kd.kd_weight": _NONNEG,
     "kd.feat_weight": _NONNEG,
-    "kd.warmup_epochs": _int(0),
+    "kd.warmup_fraction": _num(0, 1),
     "kd.alpha": _NONNEG,  # dkd
     "kd.beta": _NONNEG,
     "kd.inter_weight": _NONNEG,  # dist

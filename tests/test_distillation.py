@@ -76,6 +76,18 @@ def test_feature_terms_combine_with_logit_kd(make_cfg, teacher_run):
     assert row["train_loss"] == pytest.approx(1.0 * ce + 0.9 * kd + 100.0 * feat, rel=1e-4)
 
 
+def _rows(folder):
+    return [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dkd_warms_up_over_a_share_of_the_stage(make_cfg, teacher_run):
+    folder = _distill(make_cfg, teacher_run, "kd=dkd", "stage.epochs=4", "kd.warmup_fraction=0.5",
+                      tag="warm")  # fmt: skip
+    # loss = ce + ramp * kd, ramp = min(1, epoch / (0.5 * 4 epochs))
+    ramps = [(r["train_loss"] - r["train_ce"]) / r["train_kd"] for r in _rows(folder)]
+    assert ramps == pytest.approx([0.5, 1.0, 1.0, 1.0], rel=1e-4)
+
+
 def test_a_pretrain_teacher_sees_its_own_normalisation(make_cfg, teacher_run, monkeypatch):
     from distill_cli.kd import distillation
 

@@ -183,11 +183,11 @@ def objective(
     """The distillation loss function for :func:`training.fit`, its adapters and teacher cache.
 
     Args:
-        cfg: The stage's config (reads the ``kd`` group).
+        cfg: The stage's config (reads the ``kd`` group and ``stage.epochs``).
         teacher: The frozen teacher, in eval mode (a :class:`NormalisedTeacher` where its
             statistics differ from the student's).
         student: The student being trained.
-        train: The training loader; its ``epoch`` drives ``kd.warmup_epochs``, its
+        train: The training loader; its ``epoch`` drives ``kd.warmup_fraction``, its
             ``last_index`` gives CRD each image's memory-bank row (and its ``labels`` each
             row's class) and, with ``last_view``, the teacher cache its entry.
         shape: (channels, height, width) of the images.
@@ -197,7 +197,9 @@ def objective(
     """
     kd = OmegaConf.to_container(cfg.kd)
     method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
-    feat_w, warmup = kd.pop("feat_weight", 0.0), kd.pop("warmup_epochs", 0)
+    feat_w = kd.pop("feat_weight", 0.0)
+    # the logit term ramps up linearly over this many epochs (mdistiller's DKD: 20 of 240)
+    warmup = kd.pop("warmup_fraction", 0.0) * cfg.stage.epochs
     distiller, teacher_shapes, record = None, {}, {}
     if method in FEATURE_METHODS:
         logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}

@@ -42,7 +42,7 @@ def test_every_stage_default_config_is_valid(make_cfg, stage):
     ]
     + [("optimizer", o) for o in ("sgd", "adam", "adamw")]
     + [("device", d) for d in ("auto", "cpu", "cuda")]
-    + [("kd", k) for k in ("kd", "logit_mse")],
+    + [("kd", k) for k in ("kd", "logit_mse", "ttm", "wttm", "ctkd")],
 )
 def test_every_group_option_composes_and_checks(make_cfg, group, option):
     check(make_cfg("stage=finetune", f"{group}={option}"))
@@ -92,7 +92,26 @@ def test_probe_longer_than_training_is_refused(make_cfg):
     [
         (["model=resnet9000"], "unknown model 'resnet9000'; valid: cnn,"),
         (["dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
-        (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, dist, dkd, fitnet, kd, logit_mse,"),
+        (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, ctkd, dist, dkd, fitnet, kd, logit_"),
+        (
+            ["kd=kd", "kd.alpha=2"],
+            "kd.alpha is not an option of the chosen kd method; methods that have it: dkd",
+        ),
+        (
+            ["kd=ttm", "kd.logit_standardize=true"],
+            "kd.logit_standardize is not an option of the "
+            "chosen kd method; methods that have it: ctkd, dist, dkd, kd, logit_mse",
+        ),
+        (
+            ["kd=wttm", "+kd.logit_standardize=true"],
+            "kd.logit_standardize=true does not apply "
+            "to kd=wttm; methods it applies to: kd, logit_mse, dkd, dist, ctkd",
+        ),
+        (
+            ["kd=crd", "kd.nce_negatives=exact"],
+            "kd.nce_negatives='exact' is invalid: expected one of other_class, uniform",
+        ),
+        (["kd=dkd", "kd.warmup_fraction=1.5"], "kd.warmup_fraction=1.5 is invalid"),
         (["model=cnn", "model.weights=imagenet"], "model.weights applies to resnet18, resnet50"),
         (["dataset.shotz=5"], "shotz"),
         (["stage.epochs=-3"], "stage.epochs=-3 is invalid"),

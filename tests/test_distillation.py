@@ -66,7 +66,8 @@ def test_every_method_distills_and_keeps_adapters_out_of_the_student(make_cfg, t
     assert best["state_dict"].keys() == fresh.keys()
     last = ck.load_checkpoint(folder / "last.pt")
     # adapters (fitnet) and embedding heads with memory banks (crd) resume from last.pt
-    assert bool(last["train_state"].get("extra")) == (method in ("fitnet", "crd"))
+    # and CTKD's learned temperature
+    assert bool(last["train_state"].get("extra")) == (method in ("fitnet", "crd", "ctkd"))
 
 
 def test_feature_terms_combine_with_logit_kd(make_cfg, teacher_run):
@@ -86,6 +87,28 @@ def test_dkd_warms_up_over_a_share_of_the_stage(make_cfg, teacher_run):
     # loss = ce + ramp * kd, ramp = min(1, epoch / (0.5 * 4 epochs))
     ramps = [(r["train_loss"] - r["train_ce"]) / r["train_kd"] for r in _rows(folder)]
     assert ramps == pytest.approx([0.5, 1.0, 1.0, 1.0], rel=1e-4)
+
+
+def test_logit_standardized_methods_distill(make_cfg, teacher_run):
+    for method in ("kd", "dkd", "dist"):
+        folder = _distill(make_cfg, teacher_run, f"kd={method}", "kd.logit_standardize=true",
+                          "kd.kd_weight=9", tag=f"{method}_ls")  # fmt: skip
+        config = (folder / "config.yaml").read_text()
+        assert "logit_standardize: true" in config
+        assert all(torch.isfinite(torch.tensor(r["train_kd"])) for r in _rows(folder))
+
+
+def test_ctkd_learns_its_temperature_beside_the_student(make_cfg, teacher_run):
+    folder = _distill(make_cfg, teacher_run, "kd=ctkd", "stage.epochs=3", tag="ctkd")
+    temperatures = [r["train_temperature"] for r in _rows(folder)]
+    assert all(1 < t < 21 for t in temperatures)
+    summary = json.loads((folder / "metrics.json").read_text())
+    theta = ck.load_checkpoint(folder / "last.pt")["train_state"]["extra"]["theta"]
+    assert theta.item() != 1.0  # trained from CTKD's start
+    assert summary["ctkd_temperature"] == pytest.approx(1 + 20 * torch.sigmoid(theta).item(),
+                                                        abs=1e-4)  # fmt: skip
+    # a finetuned teacher was trained with the target's statistics: no re-normalisation
+    assert summary["teacher_normalisation"]["renormalised"] is False
 
 
 def test_a_pretrain_teacher_sees_its_own_normalisation(make_cfg, teacher_run, monkeypatch):

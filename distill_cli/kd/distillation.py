@@ -27,6 +27,7 @@ from distill_cli.data import convert, load_dataset, unlabeled_indices
 from distill_cli.kd.features import FEATURE_METHODS, FeatureDistiller, feature_shapes
 from distill_cli.kd.losses import UNLABELLED, distill_loss
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
+from distill_cli.kd.temperature import CurriculumTemperature, curriculum_strength
 
 log = logging.getLogger("distill_cli")
 
@@ -163,7 +164,8 @@ class Objective(NamedTuple):
     """What :func:`objective` builds for the distill stage."""
 
     loss_fn: Callable  # (model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})
-    adapters: torch.nn.Module | None  # feature adapters: train with the student, never saved in it
+    # trained with the student, never saved in it: feature adapters, CTKD's temperature
+    adapters: torch.nn.Module | None
     cache: TeacherCache | None  # teacher outputs reused across epochs and jobs
     summary: Callable[[], dict] = dict  # what metrics.json should keep about the method
 
@@ -187,9 +189,9 @@ def objective(
         teacher: The frozen teacher, in eval mode (a :class:`NormalisedTeacher` where its
             statistics differ from the student's).
         student: The student being trained.
-        train: The training loader; its ``epoch`` drives ``kd.warmup_fraction``, its
-            ``last_index`` gives CRD each image's memory-bank row (and its ``labels`` each
-            row's class) and, with ``last_view``, the teacher cache its entry.
+        train: The training loader; its ``epoch`` drives ``kd.warmup_fraction`` and CTKD's
+            curriculum, its ``last_index`` gives CRD each image's memory-bank row (and its
+            ``labels`` each row's class) and, with ``last_view``, the teacher cache its entry.
         shape: (channels, height, width) of the images.
         device: Where the adapters live.
         cache_at: (file, key parts) of the teacher cache from ``stages.cache_location``; None runs
@@ -200,7 +202,7 @@ def objective(
     feat_w = kd.pop("feat_weight", 0.0)
     # the logit term ramps up linearly over this many epochs (mdistiller's DKD: 20 of 240)
     warmup = kd.pop("warmup_fraction", 0.0) * cfg.stage.epochs
-    distiller, teacher_shapes, record = None, {}, {}
+    distiller, teacher_shapes, temperature, record = None, {}, None, {}
     if method in FEATURE_METHODS:
         logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}
         labels = train.labels if method == "crd" else None  # CRD draws negatives by class
@@ -221,6 +223,10 @@ def objective(
             distiller.teacher_layers,
             "".join(f"; {k} {v}" for k, v in record.items()),
         )
+    elif method == "ctkd":
+        temperature = CurriculumTemperature(kd.pop("t_min"), kd.pop("t_range")).to(device)
+        grl = {"fraction": kd.pop("grl_fraction"), "max_strength": kd.pop("grl_max")}
+        logit_method, logit_options = method, kd
     else:
         logit_method, logit_options = method, kd
     names = list(distiller.teacher_layers) if distiller is not None else []
@@ -245,14 +251,26 @@ def objective(
             logits = model(x)
         else:
             logits, student_feats = model.forward_with_features(x)
+        options = logit_options
+        if temperature is not None:
+            strength = curriculum_strength(train.epoch, cfg.stage.epochs, **grl)
+            options = {**logit_options, "temperature": temperature(strength)}
         parts = distill_loss(logits, out["logits"], y, logit_method, ce_w, kd_w * ramp,
-                             **logit_options)  # fmt: skip
+                             **options)  # fmt: skip
+        if temperature is not None:
+            parts["temperature"] = options["temperature"].detach()
         if distiller is not None:
             parts["feat"] = distiller(student_feats, out, train.last_index)
             parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
         return logits, parts
 
-    return Objective(loss_fn, distiller, cache, lambda: dict(record))
+    def summary() -> dict:
+        if temperature is None:
+            return dict(record)
+        with torch.no_grad():
+            return {**record, "ctkd_temperature": round(temperature(0.0).item(), 4)}
+
+    return Objective(loss_fn, distiller if distiller is not None else temperature, cache, summary)
 
 
 def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device):

@@ -25,7 +25,9 @@ SOURCE = dataset=glyphs_source
 TARGET = dataset=glyphs_target dataset.shots=$(SHOTS) dataset.subset_seed=$(SEED) stage.batch_size=32
 TEACHER_FIT = stage.epochs=60
 # Students train long, on strongly augmented views: a patient, consistent teacher labels each view.
-STUDENT_FIT = stage.epochs=400 dataset.crop_padding=4
+# Their recipe (400 epochs, 4-pixel crops, batch 32) is a named experiment, conf/experiment/demo.yaml;
+# the teacher stages keep their own settings here.
+STUDENT_FIT = experiment=demo
 # Baselines get the same care as the runs they are compared with: every student trains once per
 # learning rate (a multirun), the scratch teacher too, and eval shows each job's validation score.
 FINETUNE_LR = 0.03
@@ -88,14 +90,17 @@ USPS := dataset=usps dataset.root=$(DATA) dataset.download=false
 FEW := $(USPS) dataset.shots=10 stage.batch_size=32
 FULL := $(USPS) stage.epochs=8
 
+# The students' recipe (400 epochs, 4-pixel crops, batch 32) and the data location: the named
+# experiment conf/experiment/mnist_usps.yaml, e.g. `distill-cli distill experiment=mnist_usps kd=dkd`.
+M2U_STUDENT := experiment=mnist_usps dataset.root=$(DATA)
+
 mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full target (~6 min)
 	$(CLI) pretrain $(M2U) $(MNIST) model=$(TEACHER) dataset.fraction=0.2 stage.epochs=3
 	$(CLI) finetune $(M2U) $(FEW) $(TEACHER_FIT) optimizer.lr=$(FINETUNE_LR)
 	$(CLI) pretrain -m $(M2U) $(FEW) $(TEACHER_FIT) model=$(TEACHER) tag=scratch_teacher \
 	    optimizer.lr=$(TEACHER_LRS) $(SWEEP_OK)
-	$(CLI) distill -m $(M2U) $(STUDENT_FIT) model=$(STUDENT) optimizer.lr=$(STUDENT_LRS) \
-	    stage.batch_size=32 $(SWEEP_OK)
-	$(CLI) pretrain -m $(M2U) $(FEW) $(STUDENT_FIT) model=$(STUDENT) tag=scratch_student \
+	$(CLI) distill -m $(M2U_STUDENT) $(M2U) model=$(STUDENT) optimizer.lr=$(STUDENT_LRS) $(SWEEP_OK)
+	$(CLI) pretrain -m $(M2U_STUDENT) $(M2U) $(FEW) model=$(STUDENT) tag=scratch_student \
 	    optimizer.lr=$(STUDENT_LRS) $(SWEEP_OK)
 	$(CLI) finetune $(M2U) $(FULL) tag=finetune_full
 	$(CLI) pretrain $(M2U) $(FULL) model=$(TEACHER) tag=scratch_teacher_full
@@ -105,24 +110,35 @@ mnist-usps: $(STAMP) ## MNIST -> USPS at 10 shots per class and on the full targ
 	$(CLI) eval run=mnist_usps
 
 # Every kd method at 10 labels per class, on the labelled subset and with the unlabelled rest of
-# USPS, 3 seeds each: one multirun (docs/results.md). Reuses the mnist-usps teacher if present.
-METHODS ?= kd,logit_mse,dkd,dist,fitnet,at,sp,rkd,pkt,crd
+# USPS, 3 seeds each (docs/results.md), with the settings of conf/experiment/methods.yaml. Then
+# the variants that change a method's own weights, each under its own tag: the feature methods
+# beside Hinton KD (kd_weight 1, RepDistiller's CRD+KD), and kd, dkd and dist on standardized
+# logits (LSKD: kd at T 2 with weights ce 1, kd 9; dkd scaled by 9; dist at its defaults). Then
+# the scratch baseline, eval and report. Reuses the mnist-usps teacher if present.
+METHODS ?= kd,logit_mse,dkd,dist,ttm,wttm,ctkd,fitnet,at,sp,rkd,pkt,crd
+FEATURE_METHODS ?= fitnet,at,sp,rkd,pkt,crd
 # The student: resnet8 (78k parameters, BatchNorm), lr 0.05 for every method (the BatchNorm-free
 # cnn_padded diverges under dkd and logit_mse at its KD learning rate).
 METHODS_STUDENT ?= resnet8
 M2U_TEACHER := outputs/mnist_usps/finetune/best.pt
+METHODS_SWEEP := experiment=methods overwrite=true dataset.root=$(DATA) model=$(METHODS_STUDENT) \
+	seed=0,1,2 hydra/launcher=local device.threads=1
+SETS := stage.transfer_set=labeled,target
+LS := kd.logit_standardize=true
 
 $(M2U_TEACHER): | $(STAMP)
 	$(CLI) pretrain $(M2U) $(MNIST) model=$(TEACHER) dataset.fraction=0.2 stage.epochs=3
 	$(CLI) finetune $(M2U) $(FEW) $(TEACHER_FIT) optimizer.lr=$(FINETUNE_LR)
 
-mnist-usps-methods: $(M2U_TEACHER) ## every kd method x 2 transfer sets x 3 seeds on MNIST -> USPS (~30 min)
-	$(CLI) distill -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) tag=methods \
-	    stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 kd=$(METHODS) \
-	    stage.transfer_set=labeled,target seed=0,1,2 hydra/launcher=local device.threads=1 $(SWEEP_OK)
-	$(CLI) pretrain -m $(subst seed=$(SEED) ,,$(M2U)) $(FEW) model=$(METHODS_STUDENT) \
-	    tag=scratch_methods stage.epochs=100 dataset.crop_padding=4 optimizer.lr=0.05 seed=0,1,2 \
-	    hydra/launcher=local device.threads=1
+mnist-usps-methods: $(M2U_TEACHER) ## every kd method and variant x 2 transfer sets x 3 seeds on MNIST -> USPS (~75 min)
+	$(CLI) distill -m $(METHODS_SWEEP) $(SETS) kd=$(METHODS) $(SWEEP_OK)
+	$(CLI) distill -m $(METHODS_SWEEP) $(SETS) tag=methods_with_kd kd=$(FEATURE_METHODS) \
+	    kd.kd_weight=1 $(SWEEP_OK)
+	$(CLI) distill -m $(METHODS_SWEEP) $(SETS) tag=methods_ls_kd kd=kd $(LS) kd.temperature=2 \
+	    kd.kd_weight=9 kd.ce_weight=1 $(SWEEP_OK)
+	$(CLI) distill -m $(METHODS_SWEEP) $(SETS) tag=methods_ls_dkd kd=dkd $(LS) kd.kd_weight=9 $(SWEEP_OK)
+	$(CLI) distill -m $(METHODS_SWEEP) $(SETS) tag=methods_ls_dist kd=dist $(LS) $(SWEEP_OK)
+	$(CLI) pretrain -m $(METHODS_SWEEP) tag=scratch_methods
 	$(CLI) eval run=mnist_usps stage.plots=false
 	$(CLI) report run=mnist_usps
 

@@ -84,6 +84,10 @@ def _one_line(exc: Exception) -> str:
         key = text.split("'")[1]
         if key == "model.weights":
             return "model.weights applies to " + ", ".join(TORCHVISION_MODELS)
+        if key.startswith("kd.") and key in RULES:  # another method's option
+            return f"{key} is not an option of the chosen kd method; methods that have it: " + (
+                ", ".join(_kd_methods_with(key[3:])) or "none"
+            )
         near = difflib.get_close_matches(key, list(RULES), n=1)
         hint = f"did you mean {near[0]}? " if near else ""
         return f"unknown key '{key}'; {hint}`distill-cli --help` lists every key"
@@ -91,6 +95,12 @@ def _one_line(exc: Exception) -> str:
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=",
                                                             "reference_type="))]  # fmt: skip
     return "; ".join(lines) or type(exc).__name__
+
+
+def _kd_methods_with(option: str) -> list[str]:
+    """The kd methods whose ``conf/kd/<name>.yaml`` has ``option``."""
+    folder = Path(conf_dir()) / "kd"
+    return sorted(p.stem for p in folder.glob("*.yaml") if option in OmegaConf.load(p))
 
 
 def basic_sweep_jobs(parsed: list) -> list[list[str]]:

@@ -28,8 +28,11 @@ DATASETS = (
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-KD_METHODS = ("kd", "logit_mse", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd")
-LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist")
+KD_METHODS = ("kd", "logit_mse", "dkd", "dist", "ttm", "wttm", "ctkd", "fitnet", "at", "sp",
+              "rkd", "pkt", "crd")  # fmt: skip
+LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist", "ttm", "wttm", "ctkd")
+STANDARDIZED = ("kd", "logit_mse", "dkd", "dist", "ctkd")  # those with kd.logit_standardize
+CRD_NEGATIVES = ("other_class", "uniform")
 TRANSFER_SETS = ("labeled", "target", "source", "source+target")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
@@ -200,9 +203,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd.ce_weight": _NONNEG,
     "kd.kd_weight": _NONNEG,
     "kd.feat_weight": _NONNEG,
-    "kd.warmup_epochs": _int(0),
+    "kd.warmup_fraction": _num(0, 1),
+    "kd.logit_standardize": _BOOL,
     "kd.alpha": _NONNEG,  # dkd
     "kd.beta": _NONNEG,
+    "kd.t_min": _POSITIVE,  # ctkd
+    "kd.t_range": _POSITIVE,
+    "kd.grl_max": _NONNEG,
+    "kd.grl_fraction": _num(0, 1),
     "kd.inter_weight": _NONNEG,  # dist
     "kd.intra_weight": _NONNEG,
     "kd.student_layer": _optional(_STR),  # fitnet
@@ -214,6 +222,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd.nce_k": _int(1),
     "kd.nce_t": _POSITIVE,
     "kd.nce_m": _num(0, 1, hi_open=True),
+    "kd.nce_negatives": _one_of(CRD_NEGATIVES),
     "stage.transfer_set": _one_of(TRANSFER_SETS),
     "stage.unlabeled_limit": _optional(_int(0)),
     "stage.unlabeled_ratio": _int(1),
@@ -263,6 +272,11 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"kd.feat_weight={kd.feat_weight} needs a feature method; kd={kd.name} has no feature "
             f"term (feature methods: {', '.join(m for m in KD_METHODS if m not in LOGIT_METHODS)})"
+        )
+    if kd.get("logit_standardize") and kd.get("name") not in STANDARDIZED:
+        raise ConfigError(
+            f"kd.logit_standardize=true does not apply to kd={kd.name}; methods it applies to: "
+            f"{', '.join(STANDARDIZED)}"
         )
     logger = cfg.get("logger", {}).get("name")
     if logger in _LOGGER_PACKAGES and importlib.util.find_spec(_LOGGER_PACKAGES[logger]) is None:

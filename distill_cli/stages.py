@@ -77,7 +77,7 @@ def pretrain(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
 def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Load the upstream checkpoint, fit its head to the target's classes, and train on it."""
     with running(cfg, job_subdir) as st:
-        model = _load_parent(st, "finetune")
+        model, _ = _load_parent(st, "finetune")
         data = _load_data(st)
         _check_input(model, data, "the upstream checkpoint")
         if model.num_classes != data.num_classes:
@@ -97,8 +97,8 @@ def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
 def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     """Train the student ``model`` against the frozen upstream teacher with the ``kd`` loss."""
     with running(cfg, job_subdir) as st:
-        teacher = _load_parent(st, "distill").to(st.device)
-        teacher.eval().requires_grad_(False)  # frozen: nothing below puts it back in train mode
+        teacher, teacher_stats = _load_parent(st, "distill")
+        teacher.to(st.device).eval().requires_grad_(False)  # frozen: nothing puts it back
         if _channels_last(st):
             teacher.to(memory_format=torch.channels_last)
         data = _load_data(st)
@@ -109,6 +109,10 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 f"{data.num_classes} here; finetune the teacher on this dataset first "
                 f"(`distill-cli finetune dataset={cfg.dataset.name} ...`) or set stage.from"
             )
+        n_params = count_params(teacher)
+        teacher, normalisation = distillation.with_own_normalisation(
+            teacher, teacher_stats, (data.info["mean"], data.info["std"])
+        )
         student = _build(cfg, data).to(st.device)
         if data.streamed and cfg.kd.name == "crd":
             raise StageError(
@@ -116,11 +120,12 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
                 "image), but this image folder streams; set dataset.stream=false"
             )
         use_cache = cfg.stage.teacher_cache and not data.streamed
-        cache_at = cache_location(st, data.info) if use_cache else None
+        cache_at = cache_location(st, data.info, teacher_stats) if use_cache else None
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
         summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
-        summary["teacher_params"] = count_params(teacher)
+        summary.update(teacher_params=n_params, teacher_normalisation=normalisation,
+                       **goal.summary())  # fmt: skip
         st.manifest["teacher_prep"] = goal.teacher.info  # as prepared, checked, maybe fallen back
         if goal.cache is not None:
             summary["teacher_cache_hit_rate"] = save_cache(st, goal.cache)
@@ -247,17 +252,24 @@ def _build(cfg: DictConfig, data: Data) -> torch.nn.Module:
         raise StageError(str(exc)) from None
 
 
-def _load_parent(st: Stage, stage: str) -> torch.nn.Module:
-    """Load the checkpoint a stage builds on and record it in the manifest."""
+def _load_parent(st: Stage, stage: str) -> tuple[torch.nn.Module, dict]:
+    """Load the checkpoint a stage builds on and record it in the manifest.
+
+    Returns:
+        The model, and the normalisation it was trained with: ``{"mean", "std", "dataset"}``.
+    """
     path = ck.stage_input(st.run_dir, stage, st.cfg.stage["from"])
     read = st.parent is not None and st.parent[0] == path  # read already for its dataset
-    model = ck.model_from_checkpoint(st.parent[1] if read else ck.load_checkpoint(path), path)
+    ckpt = st.parent[1] if read else ck.load_checkpoint(path)
+    model = ck.model_from_checkpoint(ckpt, path)
+    stats = {"mean": ckpt.get("mean"), "std": ckpt.get("std"),
+             "dataset": (ckpt.get("dataset") or {}).get("name")}  # fmt: skip
     st.parent = None
     st.manifest["parent"] = {"path": str(path), "sha256": ck.sha256(path)}
     st.write_manifest()
     log.info("%s from %s (%s, %d parameters)", "teacher" if stage == "distill" else "weights",
              path, model.config["name"], count_params(model))  # fmt: skip
-    return model
+    return model, stats
 
 
 def _check_input(model: torch.nn.Module, data: Data, what: str) -> None:
@@ -384,13 +396,17 @@ def _finish(st: Stage, model, summary: dict) -> float | None:
     return finish(st, summary)
 
 
-def cache_location(st: Stage, info: dict) -> tuple[Path, dict]:
-    """Where the teacher cache of this stage lives and what its key hashes."""
+def cache_location(st: Stage, info: dict, teacher_stats: dict) -> tuple[Path, dict]:
+    """Where the teacher cache of this stage lives and what its key hashes.
+
+    The key holds both normalisations: the batches' (the student's) and the teacher's own.
+    """
     cfg = st.cfg
     parts = {
         "teacher_sha256": st.manifest["parent"]["sha256"],
         "indices_sha256": st.manifest["data"]["indices_sha256"],
         "dataset": OmegaConf.to_container(cfg.dataset), "mean": info["mean"], "std": info["std"],
+        "teacher_mean": teacher_stats["mean"], "teacher_std": teacher_stats["std"],
         "aug_views": cfg.stage.aug_views, "device": st.device.type,
         "amp": [cfg.device.amp, cfg.device.amp_dtype], "channels_last": cfg.device.channels_last,
         "torch": torch.__version__,

@@ -1,9 +1,12 @@
 """Configuration validation: every bad value is refused in one line naming the key."""
 
+from pathlib import Path
+
 import pytest
+from omegaconf import OmegaConf
 
 from distill_cli.cli import preflight
-from distill_cli.config import RULES, STAGES, ConfigError, check
+from distill_cli.config import RULES, STAGES, ConfigError, check, conf_dir
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -42,7 +45,7 @@ def test_every_stage_default_config_is_valid(make_cfg, stage):
     ]
     + [("optimizer", o) for o in ("sgd", "adam", "adamw")]
     + [("device", d) for d in ("auto", "cpu", "cuda")]
-    + [("kd", k) for k in ("kd", "logit_mse")],
+    + [("kd", k) for k in ("kd", "logit_mse", "ttm", "wttm", "ctkd")],
 )
 def test_every_group_option_composes_and_checks(make_cfg, group, option):
     check(make_cfg("stage=finetune", f"{group}={option}"))
@@ -92,7 +95,27 @@ def test_probe_longer_than_training_is_refused(make_cfg):
     [
         (["model=resnet9000"], "unknown model 'resnet9000'; valid: cnn,"),
         (["dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
-        (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, dist, dkd, fitnet, kd, logit_mse,"),
+        (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, ctkd, dist, dkd, fitnet, kd, logit_"),
+        (["experiment=fancy"], "unknown experiment 'fancy'; valid: demo, methods, mnist_usps"),
+        (
+            ["kd=kd", "kd.alpha=2"],
+            "kd.alpha is not an option of the chosen kd method; methods that have it: dkd",
+        ),
+        (
+            ["kd=ttm", "kd.logit_standardize=true"],
+            "kd.logit_standardize is not an option of the "
+            "chosen kd method; methods that have it: ctkd, dist, dkd, kd, logit_mse",
+        ),
+        (
+            ["kd=wttm", "+kd.logit_standardize=true"],
+            "kd.logit_standardize=true does not apply "
+            "to kd=wttm; methods it applies to: kd, logit_mse, dkd, dist, ctkd",
+        ),
+        (
+            ["kd=crd", "kd.nce_negatives=exact"],
+            "kd.nce_negatives='exact' is invalid: expected one of other_class, uniform",
+        ),
+        (["kd=dkd", "kd.warmup_fraction=1.5"], "kd.warmup_fraction=1.5 is invalid"),
         (["model=cnn", "model.weights=imagenet"], "model.weights applies to resnet18, resnet50"),
         (["dataset.shotz=5"], "shotz"),
         (["stage.epochs=-3"], "stage.epochs=-3 is invalid"),
@@ -108,3 +131,31 @@ def test_preflight_gives_one_line(overrides, expected):
 
 def test_preflight_accepts_a_valid_sweep():
     preflight(["stage=distill", "kd.temperature=1,4", "seed=0,1"])
+
+
+EXPERIMENTS = sorted(p.stem for p in Path(conf_dir(), "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("stage", ["pretrain", "distill", "eval"])
+def test_every_experiment_is_global_and_checks_in_every_stage(make_cfg, name, stage):
+    text = Path(conf_dir(), "experiment", f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n"), f"conf/experiment/{name}.yaml"
+    extra = ["dataset=usps"] if stage == "pretrain" else []  # pretrain names its data
+    cfg = make_cfg(f"stage={stage}", f"experiment={name}", *extra)
+    check(cfg)
+    assert cfg.run is not None  # a recipe names the run its stages chain through
+
+
+def test_experiment_values_lose_to_the_command_line(make_cfg):
+    cfg = make_cfg("stage=distill", "experiment=methods", "kd=dkd")
+    assert (cfg.run, cfg.tag, cfg.model.name, cfg.dataset.name) == (
+        "mnist_usps",
+        "methods",
+        "resnet8",
+        "usps",
+    )
+    assert (cfg.dataset.shots, cfg.stage.epochs, cfg.optimizer.lr) == (10, 100, 0.05)
+    cfg = make_cfg("stage=distill", "experiment=mnist_usps", "stage.epochs=3", "model=resnet8")
+    assert (cfg.stage.epochs, cfg.model.name, cfg.dataset.crop_padding) == (3, "resnet8", 4)
+    assert OmegaConf.is_missing(cfg.dataset, "shots")  # inherited from the teacher

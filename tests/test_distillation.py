@@ -66,7 +66,8 @@ def test_every_method_distills_and_keeps_adapters_out_of_the_student(make_cfg, t
     assert best["state_dict"].keys() == fresh.keys()
     last = ck.load_checkpoint(folder / "last.pt")
     # adapters (fitnet) and embedding heads with memory banks (crd) resume from last.pt
-    assert bool(last["train_state"].get("extra")) == (method in ("fitnet", "crd"))
+    # and CTKD's learned temperature
+    assert bool(last["train_state"].get("extra")) == (method in ("fitnet", "crd", "ctkd"))
 
 
 def test_feature_terms_combine_with_logit_kd(make_cfg, teacher_run):
@@ -74,6 +75,80 @@ def test_feature_terms_combine_with_logit_kd(make_cfg, teacher_run):
     row = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     ce, kd, feat = row["train_ce"], row["train_kd"], row["train_feat"]
     assert row["train_loss"] == pytest.approx(1.0 * ce + 0.9 * kd + 100.0 * feat, rel=1e-4)
+
+
+def _rows(folder):
+    return [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dkd_warms_up_over_a_share_of_the_stage(make_cfg, teacher_run):
+    folder = _distill(make_cfg, teacher_run, "kd=dkd", "stage.epochs=4", "kd.warmup_fraction=0.5",
+                      tag="warm")  # fmt: skip
+    # loss = ce + ramp * kd, ramp = min(1, epoch / (0.5 * 4 epochs))
+    ramps = [(r["train_loss"] - r["train_ce"]) / r["train_kd"] for r in _rows(folder)]
+    assert ramps == pytest.approx([0.5, 1.0, 1.0, 1.0], rel=1e-4)
+
+
+def test_logit_standardized_methods_distill(make_cfg, teacher_run):
+    for method in ("kd", "dkd", "dist"):
+        folder = _distill(make_cfg, teacher_run, f"kd={method}", "kd.logit_standardize=true",
+                          "kd.kd_weight=9", tag=f"{method}_ls")  # fmt: skip
+        config = (folder / "config.yaml").read_text()
+        assert "logit_standardize: true" in config
+        assert all(torch.isfinite(torch.tensor(r["train_kd"])) for r in _rows(folder))
+
+
+def test_ctkd_learns_its_temperature_beside_the_student(make_cfg, teacher_run):
+    folder = _distill(make_cfg, teacher_run, "kd=ctkd", "stage.epochs=3", tag="ctkd")
+    temperatures = [r["train_temperature"] for r in _rows(folder)]
+    assert all(1 < t < 21 for t in temperatures)
+    summary = json.loads((folder / "metrics.json").read_text())
+    theta = ck.load_checkpoint(folder / "last.pt")["train_state"]["extra"]["theta"]
+    assert theta.item() != 1.0  # trained from CTKD's start
+    assert summary["ctkd_temperature"] == pytest.approx(1 + 20 * torch.sigmoid(theta).item(),
+                                                        abs=1e-4)  # fmt: skip
+    # a finetuned teacher was trained with the target's statistics: no re-normalisation
+    assert summary["teacher_normalisation"]["renormalised"] is False
+
+
+def test_a_pretrain_teacher_sees_its_own_normalisation(make_cfg, teacher_run, monkeypatch):
+    from distill_cli.kd import distillation
+
+    out = ck.Path(make_cfg().out_dir)
+    ten = "dataset.classes=[0,1,2,3,4,5,6,7,8,9]"  # the target's class count, the source's images
+    _run(make_cfg, "stage=pretrain", "run=p", *SRC, ten, "model=resnet8")
+    pretrained = ck.load_checkpoint(out / "p" / "pretrain" / "best.pt")
+    seen = {}
+    real = distillation.objective
+
+    def spy(cfg, teacher, student, train, shape, device, cache_at):
+        seen.update(teacher=teacher, train=train)
+        return real(cfg, teacher, student, train, shape, device, cache_at)
+
+    monkeypatch.setattr(distillation, "objective", spy)
+    cfg = make_cfg("stage=distill", "run=p", f"stage.from={out / 'p' / 'pretrain'}", *TGT,
+                   "stage.transfer_set=source", "stage.unlabeled_limit=20")  # fmt: skip
+    check(cfg)
+    run_stage(cfg, None)
+    summary = json.loads((out / "p" / "distill" / "metrics.json").read_text())
+    assert summary["teacher_normalisation"] == {
+        "mean": pretrained["mean"], "std": pretrained["std"], "dataset": "glyphs_source",
+        "renormalised": True,
+    }  # fmt: skip
+    student = ck.load_checkpoint(out / "p" / "distill" / "best.pt")
+    assert student["mean"] != pretrained["mean"]  # the student's are the target's
+    # the teacher the objective runs maps the student's batch to the raw teacher on its own
+    # normalisation of the same pixels: labelled target images and unlabelled source images
+    images = torch.cat([seen["train"].labeled.x[:3], seen["train"].unlabeled.x[:3]]).float() / 255
+
+    def normalised(stats):
+        mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        return (images - mean) / std
+
+    raw = ck.model_from_checkpoint(pretrained).eval()
+    with torch.no_grad():
+        assert torch.allclose(seen["teacher"](normalised(student)), raw(normalised(pretrained)),
+                              atol=1e-4)  # fmt: skip
 
 
 def test_target_transfer_set_adds_the_unlabelled_target_images(make_cfg, teacher_run):

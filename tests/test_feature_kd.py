@@ -170,7 +170,9 @@ def test_crd_matches_the_nce_formula_by_hand():
     rng = torch.get_rng_state()
     got = crd(s, t, index).item()
     torch.set_rng_state(rng)
-    negatives = torch.randint(n, (2, k)).numpy()
+    # without labels every anchor draws uniformly from the other n - 1 rows, skipping its own
+    r = (torch.rand(2, k) * (n - 1)).long()
+    negatives = (r + (r >= index[:, None]).long()).numpy()
 
     e_s = _unit(s.double().numpy() @ params["embed_student.linear.weight"].T
                 + params["embed_student.linear.bias"])  # fmt: skip
@@ -232,6 +234,44 @@ def test_crd_negatives_come_from_the_global_rng_and_are_capped():
     crd.load_state_dict(state)
     torch.set_rng_state(rng)  # what a resume restores
     assert torch.equal(crd(s, t, index), first)
+
+
+def test_crd_negatives_never_share_a_known_class():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, -1, -1, -1])  # 7 labelled rows, 3 unlabelled
+    crd = CRD(3, 3, num_samples=10, feat_dim=2, nce_k=64, labels=labels)
+    assert crd.negative_draws == {"other_class": 7, "uniform": 3}
+    index = torch.arange(10).repeat(20)
+    negatives = crd.sample_negatives(index)
+    assert negatives.shape == (200, 9)  # nce_k capped at num_samples - 1
+    for row, drawn in zip(index.tolist(), negatives.tolist(), strict=True):
+        if labels[row] >= 0:  # only labelled rows of the other classes
+            assert all(labels[n] >= 0 and labels[n] != labels[row] for n in drawn), row
+        else:  # an unlabelled row: any row but its own
+            assert row not in drawn and all(0 <= n < 10 for n in drawn)
+    # every candidate is drawn: class 2's anchors (rows 2, 5, 6) reach all of rows 0, 1, 3, 4
+    assert set(negatives[index == 2].flatten().tolist()) == {0, 1, 3, 4}
+    assert set(negatives[index == 7].flatten().tolist()) == set(range(10)) - {7}
+
+
+def test_crd_uniform_negatives_and_a_single_class_fall_back_to_any_other_row():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 1])
+    uniform = CRD(3, 3, num_samples=4, feat_dim=2, nce_k=3, labels=labels, negatives="uniform")
+    assert uniform.negative_draws == {"other_class": 0, "uniform": 4}
+    drawn = uniform.sample_negatives(torch.arange(4).repeat(50))
+    assert set(drawn[::4].flatten().tolist()) == {1, 2, 3}  # row 0: its own class's row 2 too
+    one_class = CRD(3, 3, num_samples=3, feat_dim=2, nce_k=2, labels=torch.tensor([0, 0, 0]))
+    assert one_class.negative_draws == {"other_class": 0, "uniform": 3}
+    with pytest.raises(ValueError, match="kd.nce_negatives='exact' is invalid; valid: other_cl"):
+        CRD(3, 3, num_samples=3, negatives="exact")
+
+
+def test_feature_distiller_records_the_crd_negatives():
+    labels = torch.tensor([0, 1, 0, 1, -1, -1])
+    d = FeatureDistiller("crd", SHAPES_S, SHAPES_T, num_samples=6, labels=labels, nce_k=4)
+    assert d.record == {"crd_negatives": {"other_class": 4, "uniform": 2}}
+    assert "class_order" not in d.state_dict()  # derived from the labels, not saved
 
 
 def _crd_losses(lr, steps=40):
@@ -304,20 +344,44 @@ def test_feature_distiller_picks_the_documented_layers():
     assert FeatureDistiller("sp", tokens, SHAPES_T, 2).student_layers == ["pooled"]
 
 
-def test_fitnet_with_identity_adapter_is_zero_and_pools_the_larger_map():
-    shapes = {"a": (3, 4, 4), "pooled": (2,)}
-    distiller = FeatureDistiller("fitnet", shapes, shapes, num_samples=1).eval()
-    with torch.no_grad():
-        distiller.adapter[0].weight.copy_(torch.eye(3)[:, :, None, None])
-    f = torch.randn(2, 3, 4, 4)
-    assert distiller({"a": f}, {"a": f.clone()}).item() == pytest.approx(0.0, abs=1e-8)
+@pytest.mark.parametrize(
+    "student,teacher,conv",
+    [
+        ((3, 8, 8), (5, 4, 4), ("Conv2d", (3, 3), (2, 2))),  # student twice the teacher
+        ((3, 4, 4), (5, 8, 8), ("ConvTranspose2d", (4, 4), (2, 2))),  # student half
+        ((3, 4, 4), (5, 4, 4), ("Conv2d", (1, 1), (1, 1))),
+        ((3, 7, 7), (5, 4, 4), ("Conv2d", (4, 4), (1, 1))),  # kernel 1 + 7 - 4
+    ],
+)
+def test_fitnet_adapter_is_repdistillers_convreg(student, teacher, conv):
+    d = FeatureDistiller("fitnet", {"a": student, "pooled": (2,)},
+                         {"b": teacher, "pooled": (2,)}, num_samples=1)  # fmt: skip
+    layer, bn, relu = d.adapter
+    assert (type(layer).__name__, layer.kernel_size, layer.stride) == conv
+    assert isinstance(bn, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
+    assert layer.padding == ((1, 1) if layer.stride == (2, 2) else (0, 0))
+    s, t = torch.randn(2, *student), torch.randn(2, *teacher)
+    assert d.adapter(s).shape == t.shape
+    d.eval()
+    with torch.no_grad():  # the hint loss is the MSE of the adapted student map, no pooling
+        expected = F.mse_loss(d.adapter(s), t)
+    assert d({"a": s}, {"b": t}).item() == pytest.approx(expected.item(), rel=1e-6)
 
-    small = {"a": (3, 2, 2), "pooled": (2,)}
-    distiller = FeatureDistiller("fitnet", shapes, small, num_samples=1).eval()
-    t = torch.randn(2, 3, 2, 2)
-    with torch.no_grad():
-        expected = F.mse_loss(F.avg_pool2d(distiller.adapter(f), 2), t)
-    assert distiller({"a": f}, {"a": t}).item() == pytest.approx(expected.item(), rel=1e-6)
+
+def test_fitnet_default_teacher_layer_is_one_the_adapter_reaches():
+    student = {"a": (4, 8, 8), "b": (8, 2, 2), "pooled": (8,)}
+    teacher = {"stem": (4, 16, 16), "x": (4, 16, 16), "y": (8, 8, 8), "z": (16, 4, 4),
+               "pooled": (16,)}  # fmt: skip
+    # the middle teacher map y (8x8) is out of reach from 2x2; z (4x4, twice) is the nearest
+    d = FeatureDistiller("fitnet", student, teacher, num_samples=1)
+    assert (d.student_layers, d.teacher_layers) == (["b"], ["z"])
+    with pytest.raises(ValueError) as err:
+        FeatureDistiller("fitnet", student, teacher, num_samples=1, teacher_layer="y")
+    assert str(err.value) == (
+        "kd=fitnet: the student's b map is 2x2 and the teacher's y map 8x8; the adapter needs a "
+        "student map at least as large as the teacher's or half its size: teacher_layer "
+        "fitting b: z (student layers: a, b)"
+    )
 
 
 def test_feature_distiller_errors_are_one_line_and_list_the_choices():
@@ -387,3 +451,33 @@ def test_feature_distiller_smoke_on_real_models(pair, method):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     for name, param in distiller.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+# --- which maps AT reads, per model family (RepDistiller's feat[1:-1]: no stem, no pooling) ----
+
+AT_MAPS = {
+    "resnet8": ["layer1", "layer2", "layer3"],
+    "wrn_16_2": ["layer1", "layer2", "layer3"],
+    "vgg8": ["layer1", "layer2", "layer3", "layer4"],
+    "mobilenetv2": ["layer1", "layer2", "layer3", "layer4"],
+    "shufflenetv2": ["layer1", "layer2", "layer3"],
+    "cnn": ["layer1", "layer2"],  # no stem: both of its conv stages
+}
+
+
+@pytest.mark.parametrize("name", AT_MAPS)
+def test_at_reads_every_map_after_the_stem(name):
+    model = build_model(name, num_classes=5, in_channels=3, image_size=32)
+    shapes = feature_shapes(model, 3, 32)
+    d = FeatureDistiller("at", shapes, shapes, num_samples=1)
+    assert d.student_layers == d.teacher_layers == AT_MAPS[name]
+
+
+def test_at_pairs_the_last_maps_when_the_counts_differ():
+    vgg = feature_shapes(build_model("vgg8", 5, 3, 32), 3, 32)
+    resnet = feature_shapes(build_model("resnet8", 5, 3, 32), 3, 32)
+    d = FeatureDistiller("at", vgg, resnet, num_samples=1)
+    assert d.student_layers == ["layer2", "layer3", "layer4"]
+    assert d.teacher_layers == ["layer1", "layer2", "layer3"]
+    with pytest.raises(ValueError, match="kd=at needs convolutional feature maps but the student"):
+        FeatureDistiller("at", {"stem": (3, 8, 8), "pooled": (3,)}, resnet, num_samples=1)

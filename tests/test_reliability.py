@@ -258,7 +258,7 @@ def test_image_folder_with_unreadable_images(tmp_path, make_cfg):
     [
         (["pretrain", "optimizer=lamb"], "unknown optimizer 'lamb'; valid: adam, adamw, sgd"),
         (["stage=warmup"], "unknown stage 'warmup'; valid: distill, eval, export, finetune"),
-        (["pretrain", "kd=fancy"], "unknown kd 'fancy'; valid: at, crd, dist, dkd, fitnet, kd,"),
+        (["pretrain", "kd=fancy"], "unknown kd 'fancy'; valid: at, crd, ctkd, dist, dkd, fitnet,"),
         (["pretrain", "dataset=glyphs_target", "dataset.classes=[0,99]"], "99"),
         (["eval", "run=x", "stage.from=missing.pt"], "'missing.pt' does not exist"),
     ],

@@ -128,3 +128,20 @@ def test_the_options_resolve_and_are_checked(make_cfg):
                             "device": {"compile": False}})  # fmt: skip
     with pytest.raises(StageError, match="float16 runs only on CUDA"):
         _prepared_teacher(cfg, _teacher(), [], torch.device("cpu"))
+
+
+def test_a_renormalising_teacher_is_folded_inside_its_wrapper():
+    from distill_cli.kd.distillation import NormalisedTeacher
+
+    inner = _teacher()
+    wrapped = NormalisedTeacher(inner, ([0.5] * 3, [0.25] * 3), ([0.4] * 3, [0.2] * 3)).eval()
+    prepared = PreparedTeacher(wrapped, ["pooled"], "fold")
+    x = _batch()
+    out = prepared(x)
+    assert prepared.checked is True and prepared.info["folded"] == 9
+    with torch.no_grad():  # the re-normalisation still runs in front of the folded teacher
+        want = inner(x * (0.25 / 0.2) + (0.5 - 0.4) / 0.2)
+    assert torch.allclose(out["logits"], want, atol=1e-5)
+    assert wrapped.teacher is inner and any(  # the wrapper's own teacher is left unfolded
+        isinstance(m, torch.nn.BatchNorm2d) for m in inner.modules()
+    )

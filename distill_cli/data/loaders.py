@@ -109,6 +109,11 @@ class BatchLoader(Batching):
         """Images in the loader: the range of ``last_index``."""
         return len(self.x)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """The label of every image, by ``last_index`` row (-1: unlabelled)."""
+        return self.y
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches()
 
@@ -187,6 +192,11 @@ class TransferLoader:
     def num_samples(self) -> int:
         """Labelled plus unlabelled images: the range of ``last_index``."""
         return self.labeled.num_samples + self.unlabeled.num_samples
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The label of every image, by ``last_index`` row: the unlabelled ones' are -1."""
+        return torch.cat([self.labeled.labels, self.unlabeled.labels])
 
     @property
     def batch_size(self) -> int:

@@ -42,12 +42,13 @@ def _save(fig: Figure, path: str | Path) -> Path:
 MARKERS_UP_TO = 40  # points per line drawn with markers; longer lines are plain
 MAX_LEGEND = 12  # lines per panel that get a legend entry; beyond, the panel says how many
 GRAD_NORM = "train_grad_norm"  # a gradient norm, not a loss: drawn on its own axis
+NOT_LOSSES = {"train_acc", GRAD_NORM, "train_temperature"}  # the last: CTKD's learned temperature
 
 
 def _loss_terms(rows: list[dict]) -> list[str]:
     """The ``train_*`` loss keys of the rows, total first (not accuracy, not the grad norm)."""
     terms = {k for row in rows for k in row if k.startswith("train_")}
-    terms -= {"train_acc", GRAD_NORM}
+    terms -= NOT_LOSSES
     return sorted(terms, key=lambda k: (k != "train_loss", k))
 
 

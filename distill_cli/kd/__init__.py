@@ -5,6 +5,7 @@
     distill-cli distill stage.transfer_set=target stage.teacher_cache=true
 
 ``losses`` holds the logit terms as small pure functions, ``features`` the feature methods and
-their adapters, ``distillation`` the transfer set and the objective a distill stage trains with,
+their adapters, ``crd`` CRD's memory banks, ``temperature`` CTKD's learned temperature,
+``distillation`` the transfer set and the objective a distill stage trains with,
 ``teacher_cache`` the teacher outputs kept across epochs and jobs.
 """

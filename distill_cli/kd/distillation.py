@@ -28,10 +28,12 @@ from distill_cli.kd.features import FEATURE_METHODS, FeatureDistiller, feature_s
 from distill_cli.kd.losses import UNLABELLED, distill_loss
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
 from distill_cli.kd.teacher_prep import PreparedTeacher, resolve
+from distill_cli.kd.temperature import CurriculumTemperature, curriculum_strength
 
 log = logging.getLogger("distill_cli")
 
-__all__ = ["UNLABELLED", "Objective", "objective", "source_dataset", "unlabeled_images"]
+__all__ = ["UNLABELLED", "NormalisedTeacher", "Objective", "objective", "source_dataset",
+           "unlabeled_images", "with_own_normalisation"]  # fmt: skip
 
 
 def unlabeled_images(
@@ -90,13 +92,84 @@ def source_dataset(teacher_path: str | Path, target: str) -> dict:
         path = Path(parent)
 
 
+class NormalisedTeacher(torch.nn.Module):
+    """The teacher, fed the student's batches normalised with the teacher's own statistics.
+
+    Batches come normalised with the student's training-split mean and std; a teacher whose
+    checkpoint records others (one taken straight from pretraining on the source) must see
+    ``(x / 255 - mean_t) / std_t``. That is one per-channel multiply-add on the student's batch:
+    ``x_t = x_s * std_s / std_t + (mean_s - mean_t) / std_t``.
+
+    Args:
+        teacher: The frozen teacher.
+        student_stats: (mean, std) per channel the batches are normalised with.
+        teacher_stats: (mean, std) per channel from the teacher's checkpoint.
+    """
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        student_stats: tuple[list[float], list[float]],
+        teacher_stats: tuple[list[float], list[float]],
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        (mean_s, std_s), (mean_t, std_t) = (
+            [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in pair]
+            for pair in (student_stats, teacher_stats)
+        )
+        self.register_buffer("scale", std_s / std_t, persistent=False)
+        self.register_buffer("shift", (mean_s - mean_t) / std_t, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        """The teacher's class count."""
+        return self.teacher.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for the re-normalised batch."""
+        return self.teacher(x * self.scale + self.shift)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The teacher's logits and features for the re-normalised batch."""
+        return self.teacher.forward_with_features(x * self.scale + self.shift)
+
+
+def with_own_normalisation(
+    teacher: torch.nn.Module, own: dict, student_stats: tuple[list[float], list[float]]
+) -> tuple[torch.nn.Module, dict]:
+    """The teacher as it must be fed: with its own checkpoint's normalisation.
+
+    Args:
+        teacher: The frozen teacher, on its device.
+        own: ``{"mean", "std", "dataset"}`` from the teacher's checkpoint.
+        student_stats: (mean, std) the batches are normalised with.
+
+    Returns:
+        The teacher to run (a :class:`NormalisedTeacher` where the statistics differ) and what
+        metrics.json records about it.
+    """
+    mean, std = own["mean"], own["std"]
+    if mean is None or (mean, std) == tuple(student_stats):
+        log.info("teacher normalisation: the student's (its checkpoint's statistics are the same)")
+        return teacher, {**own, "renormalised": False}
+    log.info("teacher normalisation: its own checkpoint's (%s statistics, mean %s std %s); the "
+             "student's batches are re-normalised for it", own["dataset"],
+             [round(v, 4) for v in mean], [round(v, 4) for v in std])  # fmt: skip
+    device = next(teacher.parameters()).device
+    wrapped = NormalisedTeacher(teacher, student_stats, (mean, std)).to(device)
+    return wrapped, {**own, "renormalised": True}
+
+
 class Objective(NamedTuple):
     """What :func:`objective` builds for the distill stage."""
 
     loss_fn: Callable  # (model, x, y) -> (logits, {"loss", "ce", "kd"[, "feat"]})
-    adapters: torch.nn.Module | None  # feature adapters: train with the student, never saved in it
+    # trained with the student, never saved in it: feature adapters, CTKD's temperature
+    adapters: torch.nn.Module | None
     cache: TeacherCache | None  # teacher outputs reused across epochs and jobs
     teacher: PreparedTeacher  # the teacher as it runs: prepared (stage.teacher_prep) and checked
+    summary: Callable[[], dict] = dict  # what metrics.json should keep about the method
 
 
 CACHE_BUDGET_BYTES = 2 * 1024**3  # a cache expected to grow past this is not kept
@@ -114,12 +187,13 @@ def objective(
     """The distillation loss function for :func:`training.fit`, its adapters and teacher cache.
 
     Args:
-        cfg: The stage's config (reads the ``kd`` group).
-        teacher: The frozen teacher, in eval mode.
+        cfg: The stage's config (reads the ``kd`` group and ``stage.epochs``).
+        teacher: The frozen teacher, in eval mode (a :class:`NormalisedTeacher` where its
+            statistics differ from the student's).
         student: The student being trained.
-        train: The training loader; its ``epoch`` drives ``kd.warmup_epochs``, its
-            ``last_index`` gives CRD each image's memory-bank row and, with ``last_view``,
-            the teacher cache its entry.
+        train: The training loader; its ``epoch`` drives ``kd.warmup_fraction`` and CTKD's
+            curriculum, its ``last_index`` gives CRD each image's memory-bank row (and its
+            ``labels`` each row's class) and, with ``last_view``, the teacher cache its entry.
         shape: (channels, height, width) of the images.
         device: Where the adapters live.
         cache_at: (file, key parts) of the teacher cache from ``stages.cache_location``; None runs
@@ -127,19 +201,34 @@ def objective(
     """
     kd = OmegaConf.to_container(cfg.kd)
     method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
-    feat_w, warmup = kd.pop("feat_weight", 0.0), kd.pop("warmup_epochs", 0)
-    distiller, teacher_shapes = None, {}
+    feat_w = kd.pop("feat_weight", 0.0)
+    # the logit term ramps up linearly over this many epochs (mdistiller's DKD: 20 of 240)
+    warmup = kd.pop("warmup_fraction", 0.0) * cfg.stage.epochs
+    distiller, teacher_shapes, temperature, record = None, {}, None, {}
     if method in FEATURE_METHODS:
         logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}
+        labels = train.labels if method == "crd" else None  # CRD draws negatives by class
         c, size, _ = shape
         teacher_shapes = feature_shapes(teacher, c, size)
         try:
             distiller = FeatureDistiller(
                 method, feature_shapes(student, c, size), teacher_shapes,
-                num_samples=train.num_samples, **kd,
+                num_samples=train.num_samples, labels=labels, **kd,
             ).to(device)  # fmt: skip
         except ValueError as exc:  # a method that cannot apply to these models: one line
             raise StageError(str(exc)) from None
+        record = distiller.record
+        log.info(
+            "kd=%s: student %s, teacher %s%s",
+            method,
+            distiller.student_layers,
+            distiller.teacher_layers,
+            "".join(f"; {k} {v}" for k, v in record.items()),
+        )
+    elif method == "ctkd":
+        temperature = CurriculumTemperature(kd.pop("t_min"), kd.pop("t_range")).to(device)
+        grl = {"fraction": kd.pop("grl_fraction"), "max_strength": kd.pop("grl_max")}
+        logit_method, logit_options = method, kd
     else:
         logit_method, logit_options = method, kd
     names = list(distiller.teacher_layers) if distiller is not None else []
@@ -166,14 +255,27 @@ def objective(
             logits = model(x)
         else:
             logits, student_feats = model.forward_with_features(x)
+        options = logit_options
+        if temperature is not None:
+            strength = curriculum_strength(train.epoch, cfg.stage.epochs, **grl)
+            options = {**logit_options, "temperature": temperature(strength)}
         parts = distill_loss(logits, out["logits"], y, logit_method, ce_w, kd_w * ramp,
-                             **logit_options)  # fmt: skip
+                             **options)  # fmt: skip
+        if temperature is not None:
+            parts["temperature"] = options["temperature"].detach()
         if distiller is not None:
             parts["feat"] = distiller(student_feats, out, train.last_index)
             parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
         return logits, parts
 
-    return Objective(loss_fn, distiller, cache, prepared)
+    def summary() -> dict:
+        if temperature is None:
+            return dict(record)
+        with torch.no_grad():
+            return {**record, "ctkd_temperature": round(temperature(0.0).item(), 4)}
+
+    adapters = distiller if distiller is not None else temperature
+    return Objective(loss_fn, adapters, cache, prepared, summary)
 
 
 def _prepared_teacher(cfg, teacher, names, device) -> PreparedTeacher:

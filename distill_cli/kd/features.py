@@ -13,7 +13,7 @@ from ``DistillModel.forward_with_features`` and owns its trainable adapters and 
 
 The distiller is trained with the student (its parameters join the optimizer) and is never
 exported. Losses are computed in float32 with autocast off: Gram matrices and CRD's
-``exp(score / 0.07)`` overflow float16.
+``exp(score / 0.07)`` overflow float16. CRD's heads and memory banks live in ``crd``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_WITHOUT_MAPS = "use kd=sp, rkd, pkt, crd or a logit method (kd, logit_mse, dkd, dist)"
+from distill_cli.kd.crd import CRD
+
+_WITHOUT_MAPS = "use kd=sp, rkd, pkt, crd or a logit method (e.g. kd, dkd, dist)"
 
 
 def fitnet_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
@@ -120,92 +122,14 @@ def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Ten
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
 
-class _Embed(nn.Module):
-    """Linear projection onto the unit sphere: CRD's embedding head."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.linear = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.linear(x.flatten(1)), dim=1)
-
-
-class CRD(nn.Module):
-    """Contrastive representation distillation (Tian et al., ICLR 2020), after RepDistiller.
-
-    Each sample's student embedding is contrasted with the teacher memory bank (its own row
-    positive, ``k`` uniform random rows negative) and the other way round; the NCE losses of
-    the two anchors are added. The banks hold a momentum average of each sample's embeddings.
-
-    Args:
-        student_dim: Size of the student feature.
-        teacher_dim: Size of the teacher feature.
-        num_samples: Training-set size: rows of each memory bank.
-        feat_dim: Embedding size.
-        nce_k: Negatives per positive, capped at ``num_samples - 1``.
-        nce_t: Temperature of the scores.
-        nce_m: Momentum of the memory update.
-    """
-
-    def __init__(
-        self,
-        student_dim: int,
-        teacher_dim: int,
-        num_samples: int,
-        feat_dim: int = 128,
-        nce_k: int = 16384,
-        nce_t: float = 0.07,
-        nce_m: float = 0.5,
-    ):
-        super().__init__()
-        self.embed_student = _Embed(student_dim, feat_dim)
-        self.embed_teacher = _Embed(teacher_dim, feat_dim)
-        self.num_samples, self.k = num_samples, min(nce_k, num_samples - 1)
-        self.nce_t, self.nce_m = nce_t, nce_m
-        bound = 1 / math.sqrt(feat_dim / 3)  # ContrastMemory's initialisation
-        for name in ("memory_student", "memory_teacher"):
-            self.register_buffer(name, torch.rand(num_samples, feat_dim) * 2 * bound - bound)
-        # NCE normalisation constants; negative until the first batch estimates them
-        self.register_buffer("z_student", torch.tensor(-1.0))
-        self.register_buffer("z_teacher", torch.tensor(-1.0))
-
-    def _probs(self, anchor: Tensor, bank: Tensor, rows: Tensor, z: Tensor) -> Tensor:
-        """exp(<bank row, anchor> / T) / Z for the (B, k + 1) rows; sets Z on the first call."""
-        scores = torch.exp(torch.bmm(bank[rows], anchor[:, :, None]).squeeze(2) / self.nce_t)
-        # where() rather than `if z < 0`: no host-device sync; divide by a copy, not the buffer
-        z_now = torch.where(z < 0, scores.detach().mean() * self.num_samples, z)
-        z.copy_(z_now)
-        return scores / z_now
-
-    def _nce(self, probs: Tensor) -> Tensor:
-        """Eq. 18: -log h(positive) - sum log(1 - h(negative)), summed, over the batch size."""
-        noise = (probs.shape[1] - 1) / self.num_samples  # k * P_noise
-        eps = 1e-7
-        log_pos = torch.log(probs[:, 0] / (probs[:, 0] + noise + eps))
-        log_neg = torch.log(noise / (probs[:, 1:] + noise + eps))
-        return -(log_pos.sum() + log_neg.sum()) / probs.shape[0]
-
-    def forward(self, student_emb: Tensor, teacher_emb: Tensor, index: Tensor) -> Tensor:
-        """Returns the CRD loss and updates both memory banks at rows ``index`` (B,)."""
-        index = index.long()
-        with torch.autocast(student_emb.device.type, enabled=False):
-            s = self.embed_student(student_emb.float())
-            t = self.embed_teacher(teacher_emb.detach().float())
-            negatives = torch.randint(self.num_samples, (len(index), self.k), device=index.device)
-            rows = torch.cat([index[:, None], negatives], dim=1)
-            loss = self._nce(self._probs(s, self.memory_teacher, rows, self.z_student))
-            loss = loss + self._nce(self._probs(t, self.memory_student, rows, self.z_teacher))
-            with torch.no_grad():
-                for bank, emb in ((self.memory_student, s), (self.memory_teacher, t)):
-                    mixed = bank[index] * self.nce_m + emb * (1 - self.nce_m)
-                    bank.index_copy_(0, index, F.normalize(mixed, dim=1))
-        return loss
-
-
 def _spatial(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Names of the (C, H, W) stages, in forward order."""
     return [name for name, shape in shapes.items() if len(shape) == 3]
+
+
+def _body_maps(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The (C, H, W) stages after the stem: what RepDistiller's ``feat[1:-1]`` holds."""
+    return [name for name in _spatial(shapes) if name != "stem"]
 
 
 def _require_maps(method: str, student: list[str], teacher: list[str]) -> None:
@@ -230,6 +154,62 @@ def _hint_layer(side: str, shapes: dict[str, tuple[int, ...]], name: object) -> 
     return str(name)
 
 
+def _regressor_fits(student: tuple[int, ...], teacher: tuple[int, ...]) -> bool:
+    """Whether :func:`hint_regressor` maps a student map of this size onto the teacher's."""
+    (_, sh, sw), (_, th, tw) = student, teacher
+    return (2 * sh == th and 2 * sw == tw) or (sh >= th and sw >= tw)
+
+
+def hint_regressor(student: tuple[int, ...], teacher: tuple[int, ...]) -> nn.Sequential:
+    """FitNet's adapter, RepDistiller's ``ConvReg``: conv, BatchNorm, ReLU, to the teacher's shape.
+
+    The conv is 3x3 with stride 2 (padding 1) when the student map is twice the teacher's, a
+    4x4 transposed conv with stride 2 (padding 1) when it is half, and otherwise a conv of
+    kernel ``(1 + sH - tH, 1 + sW - tW)``: 1x1 for equal sizes.
+
+    Args:
+        student: The student map's (C, H, W).
+        teacher: The teacher map's (C, H, W).
+
+    Raises:
+        ValueError: The student map is smaller than the teacher's but not half its size.
+    """
+    (sc, sh, sw), (tc, th, tw) = student, teacher
+    if sh == 2 * th and sw == 2 * tw:
+        conv: nn.Module = nn.Conv2d(sc, tc, 3, stride=2, padding=1)
+    elif 2 * sh == th and 2 * sw == tw:
+        conv = nn.ConvTranspose2d(sc, tc, 4, stride=2, padding=1)
+    elif sh >= th and sw >= tw:
+        conv = nn.Conv2d(sc, tc, (1 + sh - th, 1 + sw - tw))
+    else:
+        raise ValueError(f"no hint regressor maps a {sh}x{sw} student map onto {th}x{tw}")
+    return nn.Sequential(conv, nn.BatchNorm2d(tc), nn.ReLU())
+
+
+def _hint_pair(s_shapes, t_shapes, s_option: object, t_option: object) -> tuple[str, str]:
+    """FitNet's (student, teacher) stages: the options, or the middle maps.
+
+    A default teacher stage whose size the regressor cannot reach from the student's is
+    replaced by the one nearest the middle that it can reach.
+    """
+    s_name = _hint_layer("student", s_shapes, s_option)
+    t_name = _hint_layer("teacher", t_shapes, t_option)
+    if _regressor_fits(s_shapes[s_name], t_shapes[t_name]):
+        return s_name, t_name
+    maps = _spatial(t_shapes)
+    fits = [n for n in maps if _regressor_fits(s_shapes[s_name], t_shapes[n])]
+    if t_option is None and fits:
+        middle = len(maps) // 2
+        return s_name, min(fits, key=lambda n: (abs(maps.index(n) - middle), -maps.index(n)))
+    (_, sh, sw), (_, th, tw) = s_shapes[s_name], t_shapes[t_name]
+    raise ValueError(
+        f"kd=fitnet: the student's {s_name} map is {sh}x{sw} and the teacher's {t_name} map "
+        f"{th}x{tw}; the adapter needs a student map at least as large as the teacher's or half "
+        f"its size: teacher_layer fitting {s_name}: {', '.join(fits) or 'none'} (student "
+        f"layers: {', '.join(_spatial(s_shapes))})"
+    )
+
+
 # --- the methods: each one's options, features, adapters and loss in one place -----------------
 
 
@@ -252,23 +232,19 @@ class Method:
 
 
 def _fitnet_setup(d, s_shapes, t_shapes, num_samples):
-    s_name = _hint_layer("student", s_shapes, d.options["student_layer"])
-    t_name = _hint_layer("teacher", t_shapes, d.options["teacher_layer"])
-    s_channels, t_channels = s_shapes[s_name][0], t_shapes[t_name][0]
-    d.adapter = nn.Sequential(
-        nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels)
-    )
+    opts = d.options
+    s_name, t_name = _hint_pair(s_shapes, t_shapes, opts["student_layer"], opts["teacher_layer"])
+    d.adapter = hint_regressor(s_shapes[s_name], t_shapes[t_name])
     return [s_name], [t_name]
 
 
 def _fitnet(d, s, t, index):
-    hint = d.adapter(s[0])
-    size = (min(hint.shape[2], t[0].shape[2]), min(hint.shape[3], t[0].shape[3]))
-    return fitnet_loss(F.adaptive_avg_pool2d(hint, size), F.adaptive_avg_pool2d(t[0], size))
+    return fitnet_loss(d.adapter(s[0]), t[0])
 
 
 def _last_maps(d, s_shapes, t_shapes, num_samples):
-    s_maps, t_maps = _spatial(s_shapes), _spatial(t_shapes)
+    s_maps, t_maps = _body_maps(s_shapes), _body_maps(t_shapes)
+    _require_maps("at", s_maps, t_maps)  # a model whose only map is its stem
     n = min(len(s_maps), len(t_maps))
     return s_maps[-n:], t_maps[-n:]
 
@@ -291,7 +267,10 @@ def _crd_setup(d, s_shapes, t_shapes, num_samples):
         nce_k=int(opts["nce_k"]),
         nce_t=float(opts["nce_t"]),
         nce_m=float(opts["nce_m"]),
+        labels=d.labels,
+        negatives=str(opts["nce_negatives"]),
     )
+    d.record = {"crd_negatives": dict(d.crd.negative_draws)}
     return _pooled(d, s_shapes, t_shapes, num_samples)
 
 
@@ -305,7 +284,8 @@ METHODS: dict[str, Method] = {
                   lambda d, s, t, i: rkd_loss(s[0], t[0], float(d.options["distance_weight"]),
                                               float(d.options["angle_weight"]))),
     "pkt": Method({}, _pooled, lambda d, s, t, i: pkt_loss(s[0], t[0])),
-    "crd": Method({"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}, _crd_setup,
+    "crd": Method({"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5,
+                   "nce_negatives": "other_class"}, _crd_setup,
                   lambda d, s, t, i: d.crd(s[0], t[0], i)),
 }  # fmt: skip
 FEATURE_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -319,23 +299,28 @@ class FeatureDistiller(nn.Module):
     the classifier reads):
 
     - ``fitnet``: one hint stage per model, the middle map (index ``len(maps) // 2``) unless
-      options ``student_layer`` / ``teacher_layer`` name one. Adapter: 1x1 conv (student C to
-      teacher C, no bias) + BatchNorm2d. If the sizes differ, both maps are average-pooled to
-      the smaller height and the smaller width.
-    - ``at``: the last n maps of each model, paired in order, n = the smaller map count;
-      option ``p`` (2).
+      options ``student_layer`` / ``teacher_layer`` name one; a default teacher stage the
+      adapter cannot reach gives way to the reachable one nearest the middle. Adapter:
+      :func:`hint_regressor` (RepDistiller's ConvReg), whose output has the teacher's shape.
+    - ``at``: the last n maps after the stem of each model, paired in order, n = the smaller
+      count (RepDistiller's ``feat[1:-1]``: 3 for CIFAR ResNets and WRNs, 4 for VGG and
+      MobileNetV2); option ``p`` (2).
     - ``sp``: the last map of each model, or "pooled" for a model without maps.
     - ``rkd``, ``pkt``: "pooled". rkd options ``distance_weight`` (25), ``angle_weight`` (50).
     - ``crd``: "pooled", through :class:`CRD`; ``forward`` needs ``index``. Options
-      ``feat_dim`` (128), ``nce_k`` (16384), ``nce_t`` (0.07), ``nce_m`` (0.5).
+      ``feat_dim`` (128), ``nce_k`` (16384), ``nce_t`` (0.07), ``nce_m`` (0.5),
+      ``nce_negatives`` ("other_class": a labelled row's negatives from the other classes,
+      given ``labels``; "uniform").
 
-    Teacher features are detached: no gradient reaches the teacher.
+    Teacher features are detached: no gradient reaches the teacher. ``record`` holds what the
+    stage should keep about the choices made (CRD: how many rows draw negatives which way).
 
     Args:
         method: One of ``FEATURE_METHODS``.
         student_shapes: Per-sample shapes of the student's ``forward_with_features`` outputs.
         teacher_shapes: The same for the teacher.
         num_samples: Training-set size (CRD's memory banks).
+        labels: Class of each training row (``num_samples``,), -1 where unknown (CRD).
         **options: The method's options, listed above.
     """
 
@@ -345,6 +330,7 @@ class FeatureDistiller(nn.Module):
         student_shapes: dict[str, tuple[int, ...]],
         teacher_shapes: dict[str, tuple[int, ...]],
         num_samples: int,
+        labels: Tensor | None = None,
         **options: object,
     ):
         super().__init__()
@@ -358,12 +344,14 @@ class FeatureDistiller(nn.Module):
                 raise ValueError(f"unknown option '{name}' for kd={method}; valid: {valid}")
         self.method = method
         self.options = {**OPTIONS[method], **options}
+        self.labels, self.record = labels, {}
         spec = METHODS[method]
         if spec.needs_maps:
             _require_maps(method, _spatial(student_shapes), _spatial(teacher_shapes))
         self.student_layers, self.teacher_layers = spec.setup(
             self, student_shapes, teacher_shapes, num_samples
         )
+        self.labels = None  # read by setup only
 
     def forward(
         self,

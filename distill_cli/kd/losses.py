@@ -1,10 +1,12 @@
 """Distillation losses on logits: small pure functions, chosen by name with ``kd=NAME``.
 
 ``distill-cli distill kd=kd kd.temperature=4`` uses :func:`kd_loss`; ``kd=logit_mse``,
-``kd=dkd`` and ``kd=dist`` use :func:`logit_mse`, :func:`dkd_loss` and :func:`dist_loss`.
-:func:`distill_loss` weighs a method against the label cross-entropy and returns every term, so
-each can be logged on its own. Feature methods (FitNet, AT, SP, RKD, PKT, CRD) live in
-``features``.
+``kd=dkd``, ``kd=dist``, ``kd=ttm`` and ``kd=wttm`` use :func:`logit_mse`, :func:`dkd_loss`,
+:func:`dist_loss`, :func:`ttm_loss` and :func:`wttm_loss`; ``kd=ctkd`` is :func:`kd_loss` at the
+learned temperature of ``temperature.CurriculumTemperature``. :func:`distill_loss` weighs a
+method against the label cross-entropy and returns every term, so each can be logged on its
+own; with ``kd.logit_standardize=true`` it z-scores both logits first (:func:`standardize`).
+Feature methods (FitNet, AT, SP, RKD, PKT, CRD) live in ``features``.
 """
 
 from __future__ import annotations
@@ -94,14 +96,63 @@ def dist_loss(
     return (inter_weight * inter + intra_weight * intra) * temperature**2
 
 
+def ttm_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 10.0
+) -> torch.Tensor:
+    """Transformed teacher matching (Zheng & Yang, ICLR 2024): KL(p_t^(1/T) || p_s), batchmean.
+
+    The teacher's distribution is power-transformed with ``gamma = 1/T`` and renormalised,
+    which is ``softmax(z_t / T)``; the student's is its plain softmax (no temperature, no T
+    squared factor), as in the authors' ``distiller_zoo/ttm.py``.
+    """
+    log_p_student = F.log_softmax(student.float(), dim=1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def wttm_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 10.0
+) -> torch.Tensor:
+    """Weighted TTM (Zheng & Yang, ICLR 2024): each sample's TTM term times ``sum_c p_t,c^(1/T)``.
+
+    The weight is the power sum of the teacher's distribution, ``exp((1 - g) H_g(p_t))`` with
+    ``H_g`` its Renyi entropy of order ``g = 1/T``: larger for smoother teacher outputs.
+    Averaged over the batch, as the authors' ``distiller_zoo/wttm.py``.
+    """
+    log_p_student = F.log_softmax(student.float(), dim=1)
+    log_p = F.log_softmax(teacher.float(), dim=1)
+    log_p_teacher = F.log_softmax(log_p / temperature, dim=1)  # = teacher / T, renormalised
+    per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)
+    weight = (log_p / temperature).logsumexp(1).exp()  # sum_c p_c^(1/T)
+    return (weight * per_sample).mean()
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row's z-score, ``(z - mean) / std``.
+
+    ``std`` is the sample standard deviation (``ddof=1``) plus ``eps``, as the authors' code.
+    """
+    logits = logits.float()
+    mean = logits.mean(dim=1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=1, keepdim=True) + eps)
+
+
 # name -> function(student_logits, teacher_logits, labels, **method options)
 LOGIT_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "kd": lambda student, teacher, labels, **options: kd_loss(student, teacher, **options),
     "logit_mse": lambda student, teacher, labels, **options: logit_mse(student, teacher, **options),
     "dkd": dkd_loss,
     "dist": lambda student, teacher, labels, **options: dist_loss(student, teacher, **options),
+    "ttm": lambda student, teacher, labels, **options: ttm_loss(student, teacher, **options),
+    "wttm": lambda student, teacher, labels, **options: wttm_loss(student, teacher, **options),
+    # Hinton KD at a temperature the objective learns (``temperature.CurriculumTemperature``)
+    "ctkd": lambda student, teacher, labels, **options: kd_loss(student, teacher, **options),
 }
 KD_METHODS = LOGIT_METHODS  # the name older callers import
+# The methods whose logits ``kd.logit_standardize`` may z-score. TTM and WTTM match the
+# student's untempered distribution to the teacher's at temperature T: with both z-scored the
+# student's logits would have spread 1 and the teacher's 1/T, a target it could never reach.
+STANDARDIZED = ("kd", "logit_mse", "dkd", "dist", "ctkd")
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -122,19 +173,29 @@ def distill_loss(
     method: str,
     ce_weight: float,
     kd_weight: float,
-    **options: float,
+    logit_standardize: bool = False,
+    **options: float | torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Weighted sum of the label cross-entropy and a logit distillation term.
 
     Labels of -1 mark unlabelled samples: they are left out of the cross-entropy but still
-    distilled; DKD takes the teacher's top class as their target.
+    distilled; DKD takes the teacher's top class as their target. With ``logit_standardize``
+    the distillation term reads the z-scored logits of both models (:func:`standardize`); the
+    cross-entropy always reads the student's own.
 
     Returns:
         ``{"loss": total, "ce": unweighted cross-entropy, "kd": unweighted distillation term}``.
     """
     if method not in LOGIT_METHODS:
         raise ValueError(f"unknown kd method '{method}'; valid: {', '.join(LOGIT_METHODS)}")
+    if logit_standardize and method not in STANDARDIZED:
+        raise ValueError(
+            f"kd.logit_standardize=true does not apply to kd={method}; methods it applies to: "
+            f"{', '.join(STANDARDIZED)}"
+        )
     ce = masked_cross_entropy(student, labels)
     targets = torch.where(labels == UNLABELLED, teacher.argmax(1), labels)
+    if logit_standardize:
+        student, teacher = standardize(student), standardize(teacher)
     kd = LOGIT_METHODS[method](student, teacher, targets, **options)
     return {"loss": ce_weight * ce + kd_weight * kd, "ce": ce, "kd": kd}

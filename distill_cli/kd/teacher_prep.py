@@ -24,9 +24,11 @@ teacher takes over and one warning line says why.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -89,7 +91,7 @@ class PreparedTeacher:
     def _build(self) -> Callable[[Tensor], dict[str, Tensor]]:
         model = self.plain
         if self.prep != "none":
-            model, report = fold_batchnorm(model)
+            model, report = _fold(model)
             self.info.update(folded=report.folded, left=report.left, untraced=report.untraced)
             channels_last = _is_channels_last(self.plain)
             if channels_last:
@@ -177,6 +179,21 @@ class PreparedTeacher:
             parts.append(f"outputs within {i['max_error']:.2g} of the plain teacher's "
                          f"(tolerance {i['tolerance']:g})")  # fmt: skip
         return ", ".join(parts)
+
+
+def _fold(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """``fold_batchnorm``, also through a wrapper that re-normalises the teacher's input.
+
+    ``distillation.NormalisedTeacher`` holds the teacher as ``.teacher``: its copy gets the
+    folded teacher, so the re-normalisation stays in front of it.
+    """
+    inner = getattr(model, "teacher", None)
+    if isinstance(model, DistillModel) or not isinstance(inner, DistillModel):
+        return fold_batchnorm(model)
+    folded, report = fold_batchnorm(inner)
+    wrapper = copy.copy(model)
+    wrapper._modules = {**model._modules, "teacher": folded}  # the original keeps its teacher
+    return wrapper, report
 
 
 def _outputs(model: DistillModel, names: tuple[str, ...]) -> Callable[[Tensor], dict[str, Tensor]]:

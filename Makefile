@@ -199,13 +199,12 @@ outputs/cifar_split_%/eval/metrics.json: $(CS_TEACHER_CKPT)
 	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
 	$(CLI) pretrain $(RUNARGS) $(DATA_K) model=$(CS_TEACHER) tag=scratch_teacher \
 	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
-	$(CLI) distill $(RUNARGS) model=$(CS_STUDENT) stage.batch_size=32 \
-	    stage.epochs=$(CS_S_EPOCHS_$(K)) optimizer.lr=0.02
-	$(CLI) distill $(RUNARGS) model=$(CS_STUDENT) stage.batch_size=32 tag=distill_target \
-	    stage.transfer_set=target stage.unlabeled_ratio=1 stage.epochs=$(CS_S_EPOCHS_$(K)) \
-	    optimizer.lr=0.02
-	$(CLI) pretrain $(RUNARGS) $(DATA_K) model=$(CS_STUDENT) tag=scratch_student \
-	    stage.epochs=$(CS_S_EPOCHS_$(K)) optimizer.lr=0.02
+	$(CLI) distill experiment=cifar_split $(RUNARGS) model=$(CS_STUDENT) \
+	    stage.epochs=$(CS_S_EPOCHS_$(K))
+	$(CLI) distill experiment=cifar_split $(RUNARGS) model=$(CS_STUDENT) tag=distill_target \
+	    stage.transfer_set=target stage.unlabeled_ratio=1 stage.epochs=$(CS_S_EPOCHS_$(K))
+	$(CLI) pretrain experiment=cifar_split $(RUNARGS) $(DATA_K) model=$(CS_STUDENT) \
+	    tag=scratch_student stage.epochs=$(CS_S_EPOCHS_$(K))
 	$(CLI) eval run=cifar_split_$* stage.plots=false $(CS_EXTRA)
 
 outputs/cifar_split/report.md: $(foreach r,$(CS_RUNS),outputs/$(r)/eval/metrics.json)

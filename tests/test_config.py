@@ -96,7 +96,7 @@ def test_probe_longer_than_training_is_refused(make_cfg):
         (["model=resnet9000"], "unknown model 'resnet9000'; valid: cnn,"),
         (["dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
         (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, ctkd, dist, dkd, fitnet, kd, logit_"),
-        (["experiment=fancy"], "unknown experiment 'fancy'; valid: demo, methods, mnist_usps"),
+        (["experiment=fancy"], "unknown experiment 'fancy'; valid: cifar_split, demo, methods"),
         (
             ["kd=kd", "kd.alpha=2"],
             "kd.alpha is not an option of the chosen kd method; methods that have it: dkd",

@@ -10,7 +10,7 @@ import pytest
 from test_report import write_eval, write_job
 
 from distill_cli.evaluation.aggregate import choose_baselines, collect_jobs, group, weak_teachers
-from distill_cli.evaluation.curves import curve_name, shots_curves
+from distill_cli.evaluation.curves import curve_name, moving_keys, moving_note, shots_curves
 from distill_cli.evaluation.plots import curve_groups, learning_curves, marker
 from distill_cli.evaluation.report import other_runs, report_run
 
@@ -92,6 +92,20 @@ def test_a_teacher_below_the_scratch_student_is_flagged(tmp_path, make_cfg):
     text = (r / "report.md").read_text()
     assert "| 2 of 2 (!) |" in text and "| 0 of 2 |" in text
     assert "distill/k=10,seed=1: its teacher finetune/k=10,seed=1 scored 45.0" in text
+
+
+def test_a_key_that_changes_with_the_shots_stays_on_one_curve(tmp_path):
+    r = tmp_path / "outputs" / "r"
+    for k, epochs in ((5, 300), (50, 100)):  # epochs scaled to the data: one value per shots
+        for t in ("labeled", "target"):
+            write_job(r, f"distill/k={k},t={t}", stage="distill", best=50.0 + k, shots=k,
+                      epochs=epochs, kd={"name": "kd", "transfer": t})  # fmt: skip
+    _, configs = configs_of(r)
+    curves = {c.name: c.shots for c in shots_curves(configs)}
+    assert curves == {"distill kd.transfer=labeled": [5, 50], "distill kd.transfer=target": [5, 50]}
+    moving = moving_keys(configs)
+    assert moving == {"distill": {"stage.epochs": {5: 300, 50: 100}}}
+    assert moving_note(moving) == ["distill: stage.epochs changes with the shots (5: 300, 50: 100)"]
 
 
 def test_stage_runs_takes_patterns(tmp_path):

@@ -201,8 +201,9 @@ def read_job(folder: Path, run_dir: Path, evaluated: dict, prefix: str = "") -> 
     job.model = (final or {}).get("model") or (entry or {}).get("model")
     if job.model is None and stage != "finetune":  # a finetune's model comes from its parent
         job.model = config.get("model.name")
-    parent = _relative((manifest.get("parent") or {}).get("path"), run_dir)
-    job.parent = prefix + parent if parent and not Path(parent).is_absolute() else parent
+    raw = (manifest.get("parent") or {}).get("path")
+    parent = _relative(raw, run_dir)
+    job.parent = prefix + parent if parent and _inside(raw, run_dir) else parent
     if not job.finished:
         job.error = manifest.get("error") or ("no metrics.json" if status == "completed" else None)
         done = history[-1].get("epoch", len(history)) if history else 0
@@ -233,6 +234,11 @@ def _relative(path: str | None, run_dir: Path) -> str | None:
         return folder.resolve().relative_to(run_dir.resolve()).as_posix()
     except ValueError:
         return str(folder)
+
+
+def _inside(path: str | None, run_dir: Path) -> bool:
+    """Whether a checkpoint path lies in the run folder."""
+    return bool(path) and Path(path).resolve().is_relative_to(run_dir.resolve())
 
 
 def _read_yaml(path: Path) -> Any:

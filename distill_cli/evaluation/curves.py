@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from distill_cli.evaluation.aggregate import Configuration, Stat
 
@@ -43,30 +44,82 @@ class Curve:
 def shots_curves(configs: list[Configuration]) -> list[Curve]:
     """The configurations that differ only in their shots, as curves of two or more points.
 
-    Configurations without an integer ``dataset.shots`` (trained on every label) are not on a
-    curve. Curves keep the order in which their configurations first appear.
+    Keys that change with the shots within a tag, one value per shots value (epochs scaled to
+    the data, say), go with the shots too: :func:`moving_keys` names them. Configurations
+    without an integer ``dataset.shots`` (trained on every label) are not on a curve. Curves
+    keep the order in which their configurations first appear.
     """
+    moving = moving_keys(configs)
     series: dict[tuple[str, str], dict[int, Configuration]] = {}
     for c in configs:
-        shots = c.setting.get(SHOTS)
-        if not isinstance(shots, int) or isinstance(shots, bool):
+        shots = _shots(c)
+        if shots is None:
             continue
-        rest = {k: v for k, v in c.setting.items() if k not in MOVES_WITH_SHOTS}
+        drop = set(MOVES_WITH_SHOTS) | set(moving.get(c.first.tag, {}))
+        rest = {k: v for k, v in c.setting.items() if k not in drop}
         key = (c.first.tag, json.dumps(rest, sort_keys=True))
         series.setdefault(key, {}).setdefault(shots, c)
     curves = []
     for points in series.values():
         if len(points) >= 2:
             first = next(iter(points.values()))
-            curves.append(Curve(curve_name(first.name), sorted(points.items())))
+            name = curve_name(first.name, moving.get(first.first.tag, {}))
+            curves.append(Curve(name, sorted(points.items())))
     return curves
 
 
-def curve_name(config_name: str) -> str:
-    """A name less its shots: ``distill dataset.shots=5 kd=dkd`` -> ``distill kd=dkd``."""
-    words = config_name.split(" ")
-    kept = [w for w in words if w.split("=", 1)[0] not in MOVES_WITH_SHOTS]
-    return " ".join(kept)
+def moving_keys(configs: list[Configuration]) -> dict[str, dict[str, dict[int, Any]]]:
+    """Per tag, the keys that differ between shots values but never at one shots value.
+
+    Returns:
+        Tag -> key -> {shots: the key's value there}, e.g. ``{"distill": {"stage.epochs":
+        {5: 300, 250: 30}}}``.
+    """
+    by_tag: dict[str, list[tuple[int, dict]]] = {}
+    for c in configs:
+        shots = _shots(c)
+        if shots is not None:
+            by_tag.setdefault(c.first.tag, []).append((shots, c.setting))
+    out: dict[str, dict[str, dict[int, Any]]] = {}
+    for tag, members in by_tag.items():
+        keys = {k for _, setting in members for k in setting} - set(MOVES_WITH_SHOTS)
+        for key in sorted(keys):
+            at: dict[int, set[str]] = {}
+            for shots, setting in members:
+                at.setdefault(shots, set()).add(json.dumps(setting.get(key)))
+            one_each = all(len(v) == 1 for v in at.values())
+            if one_each and len({next(iter(v)) for v in at.values()}) > 1:
+                values = {k: json.loads(next(iter(v))) for k, v in sorted(at.items())}
+                out.setdefault(tag, {})[key] = values
+    return out
+
+
+def _shots(c: Configuration) -> int | None:
+    shots = c.setting.get(SHOTS)
+    return shots if isinstance(shots, int) and not isinstance(shots, bool) else None
+
+
+def curve_name(config_name: str, moving: dict | None = None) -> str:
+    """A name less its shots: ``distill dataset.shots=5 kd=dkd`` -> ``distill kd=dkd``.
+
+    ``moving`` (from :func:`moving_keys`) names keys that go with the shots and leave too.
+    """
+    gone = set(MOVES_WITH_SHOTS) | set(moving or {})
+    return " ".join(w for w in config_name.split(" ") if w.split("=", 1)[0] not in gone)
+
+
+def moving_note(moving: dict[str, dict[str, dict[int, Any]]]) -> list[str]:
+    """One line per tag whose settings change with the shots, e.g. its epochs."""
+    return [
+        f"{tag}: "
+        + "; ".join(
+            f"{key} changes with the shots ("
+            + ", ".join(f"{k}: {json.dumps(v)}" for k, v in values.items())
+            + ")"
+            for key, values in keys.items()
+        )
+        for tag, keys in moving.items()
+    ]
 
 
 def metric_for(curves: list[Curve], wanted: list[str]) -> str | None:

@@ -36,7 +36,13 @@ from distill_cli.evaluation.aggregate import (
     partial_keys,
     weak_teachers,
 )
-from distill_cli.evaluation.curves import Curve, metric_for, shots_curves
+from distill_cli.evaluation.curves import (
+    Curve,
+    metric_for,
+    moving_keys,
+    moving_note,
+    shots_curves,
+)
 from distill_cli.rundir import write_text
 
 log = logging.getLogger("distill_cli")
@@ -80,6 +86,8 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     weak = weak_teachers(configs, jobs)
     notes = _notes(run_dir, jobs, configs, metrics) + [w.note() for w in weak]
     curves = shots_curves(configs)
+    if curves:
+        notes += moving_note(moving_keys(configs))
     shots = _shots_files(run_dir, curves, metrics) if curves else None
     text = render_markdown(run_dir.name, configs, jobs, metrics, notes, shots, weak)
     write_text(run_dir / "report.md", text)
@@ -183,12 +191,19 @@ def gain_table(configs: list[Configuration], weak: list[WeakTeacher] | None = No
             "configuration": c.name,
             "baseline": chosen,
             "pairs": str(pairs),
-            "from": ", ".join(sorted({j.parent for j in c.jobs if j.parent})) or "-",
+            "from": ", ".join(sorted({_parent_shown(j) for j in c.jobs if j.parent})) or "-",
             "weak": _weak_cell(c, below),
         }
         row.update({m: cell(c.gain(m), METRICS[m][1], pairs, sign=True) for m in GAIN_METRICS})
         rows.append(row)
     return columns, _align(rows, ["pairs", *GAIN_METRICS])
+
+
+def _parent_shown(job: Job) -> str:
+    """A job's parent folder, less the run prefix it shares with the job (``RUN:finetune``)."""
+    run, sep, _ = job.folder.partition(":")
+    parent = job.parent or ""
+    return parent.removeprefix(run + sep) if sep else parent
 
 
 def _weak_cell(c: Configuration, below: dict[str, int]) -> str:

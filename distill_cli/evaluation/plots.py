@@ -154,7 +154,8 @@ def against_shots(
 
     Args:
         series: One dict per configuration: ``name``, ``shots`` (ascending ints), ``mean`` and
-            ``std`` (floats or None, one per shots value; a missing std draws no band).
+            ``std`` (floats or None, one per shots value; a missing std draws no band);
+            optionally ``color``, an index that keeps a configuration's colour across figures.
         path: Where the PNG goes.
         ylabel: The y axis label with its unit.
         title: The figure title.
@@ -168,7 +169,8 @@ def against_shots(
         if not points:
             continue
         xs, means, stds = zip(*points, strict=True)
-        color, style = f"C{i % 10}", LINESTYLES[(i // 10) % len(LINESTYLES)]
+        n = s.get("color", i)  # one configuration keeps its colour across figures
+        color, style = f"C{n % 10}", LINESTYLES[(n // 10) % len(LINESTYLES)]
         ax.plot(xs, means, style, color=color, marker="o", label=s["name"])
         low = [m - (sd or 0.0) for m, sd in zip(means, stds, strict=True)]
         high = [m + (sd or 0.0) for m, sd in zip(means, stds, strict=True)]

@@ -449,24 +449,26 @@ def _shots_files(run_dir: Path, curves: list[Curve], metrics: list[str]) -> Shot
     name = METRICS[metric][0]
     where = "test" if metric in FROM_EVAL else "validation"
     values, gains = shots_tables(curves, metric)
+    colors = {c.name: i for i, c in enumerate(curves)}
     files = [plots.against_shots(
-        [_series(c, c.stats(metric)) for c in curves], run_dir / "report_shots.png",
+        [_series(c, c.stats(metric), colors) for c in curves], run_dir / "report_shots.png",
         ylabel=f"{name} on {where} (%), mean ± std over seeds",
         title=f"{name} against labelled images per class · run {run_dir.name}",
     ).name]  # fmt: skip
     with_gain = [c for c in curves if any(g.mean is not None for g in c.gains(metric))]
     if with_gain:
         files.append(plots.against_shots(
-            [_series(c, c.gains(metric)) for c in with_gain], run_dir / "report_gain_shots.png",
+            [_series(c, c.gains(metric), colors) for c in with_gain],
+            run_dir / "report_gain_shots.png",
             ylabel=f"Δ {name} over scratch (points), mean ± std over pairs",
             title=f"Gain over training from scratch · run {run_dir.name}", zero=True,
         ).name)  # fmt: skip
     return ShotsTables(metric, values, gains, files)
 
 
-def _series(curve: Curve, stats: list[Stat]) -> dict[str, Any]:
+def _series(curve: Curve, stats: list[Stat], colors: dict[str, int]) -> dict[str, Any]:
     return {"name": curve.name, "shots": curve.shots, "mean": [s.mean for s in stats],
-            "std": [s.std for s in stats]}  # fmt: skip
+            "std": [s.std for s in stats], "color": colors[curve.name]}  # fmt: skip
 
 
 def _notes(

@@ -92,10 +92,25 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     return ckpt
 
 
+def _renamed(model: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The model config, with ``cnn`` read as ``cnn_padded`` where its weights are the padded net's.
+
+    Before 2026-11-29 ``cnn`` named the CNN with padded convs (now ``cnn_padded``); ``cnn`` is the
+    seed's unpadded one. An older checkpoint's first linear layer tells them apart.
+    """
+    weight = state.get("stages.pooled.1.weight")
+    if model.get("name") != "cnn" or weight is None:
+        return model
+    side = int(model.get("image_size", 32)) // 4  # two 2x2 max-pools after same-size convs
+    if weight.shape[-1] == 64 * side * side and side > 0:
+        return {**model, "name": "cnn_padded"}
+    return model
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "") -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its weights."""
     try:
-        model = build_model(**ckpt["model"])
+        model = build_model(**_renamed(ckpt["model"], ckpt["state_dict"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         name = ckpt.get("model", {}).get("name", "?")

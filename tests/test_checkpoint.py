@@ -22,6 +22,19 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
 
 
+def test_a_checkpoint_of_the_old_padded_cnn_still_loads(tmp_path):
+    padded = build_model("cnn_padded", num_classes=3, in_channels=1, image_size=16).eval()
+    ck.save_checkpoint(tmp_path / "old.pt", padded)
+    ckpt = ck.load_checkpoint(tmp_path / "old.pt")
+    ckpt["model"]["name"] = "cnn"  # what versions before the cnn / cnn_padded split wrote
+    twin = ck.model_from_checkpoint(ckpt).eval()
+    x = torch.randn(2, 1, 16, 16)
+    assert twin.config["name"] == "cnn_padded" and torch.equal(twin(x), padded(x))
+    unpadded = build_model("cnn", num_classes=3, in_channels=1, image_size=16)
+    ck.save_checkpoint(tmp_path / "new.pt", unpadded)  # a checkpoint of today's cnn stays one
+    assert ck.model_from_checkpoint(ck.load_checkpoint(tmp_path / "new.pt")).config["name"] == "cnn"
+
+
 def test_compiled_prefix_is_not_saved(tmp_path):
     model = build_model("cnn", num_classes=2, in_channels=1, image_size=16)
     wrapper = torch.nn.Module()

@@ -42,7 +42,7 @@ LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot bench-kd \
-	bench-views cifar10-data cifar-split test lint format clean-demo
+	bench-views cifar10-data cifar-split cifar-split-methods test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -184,7 +184,7 @@ CS_RUNS := $(foreach k,$(CS_SHOTS),$(foreach s,$(CS_SEEDS),cifar_split_k$(k)_see
 
 cifar-split: outputs/cifar_split/report.md ## CIFAR-10 animals -> vehicles: shots curve, 3 seeds, report + plots (~70 min)
 
-$(CS_TEACHER_CKPT): $(STAMP) $(CIFAR10)/.extracted
+$(CS_TEACHER_CKPT): | $(STAMP) $(CIFAR10)/.extracted
 	$(CLI) pretrain run=cifar_split seed=0 overwrite=true $(CS_SOURCE) model=$(CS_TEACHER) \
 	    stage.epochs=$(CS_PRETRAIN_EPOCHS) stage.batch_size=128 optimizer.lr=0.1
 	$(CLI) eval run=cifar_split stage.plots=false
@@ -211,6 +211,20 @@ outputs/cifar_split/report.md: $(foreach r,$(CS_RUNS),outputs/$(r)/eval/metrics.
 	$(CLI) report run=cifar_split stage.runs=[cifar_split_k*] \
 	    stage.metrics=[best_val_acc,top1]
 	$(CLI) eval run=cifar_split_k10_seed0
+
+# The logit methods on the class split at 10 labels per class, in each 10-shot run beside its
+# distill (kd) and scratch_student: same student recipe, epochs, learning rate and transfer sets.
+CS_LOGIT_METHODS ?= kd,logit_mse,dkd,dist,ttm,wttm,ctkd
+
+cifar-split-methods: outputs/cifar_split/report.md ## the logit methods on the class split at 10 shots, 3 seeds (~20 min)
+	for s in $(CS_SEEDS); do \
+	    $(CLI) distill -m experiment=cifar_split run=cifar_split_k10_seed$$s seed=$$s tag=methods \
+	        stage.epochs=$(CS_S_EPOCHS_10) kd=$(CS_LOGIT_METHODS) stage.transfer_set=labeled,target \
+	        stage.unlabeled_ratio=1 hydra/launcher=local device.threads=1 $(SWEEP_OK) || exit 1; \
+	    $(CLI) eval run=cifar_split_k10_seed$$s stage.plots=false || exit 1; \
+	done
+	$(CLI) report run=cifar_split_k10_seed0 'stage.runs=[cifar_split_k10_seed1,cifar_split_k10_seed2]' \
+	    stage.metrics=[best_val_acc,top1]
 
 # --- the distillation step's cost (docs/performance.md) ----------------------------------------
 bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~6 min)

@@ -41,15 +41,18 @@ class Curve:
         return [c.gain(metric) for _, c in self.points]
 
 
-def shots_curves(configs: list[Configuration]) -> list[Curve]:
+def shots_curves(
+    configs: list[Configuration], moving: dict[str, dict[str, dict[int, Any]]] | None = None
+) -> list[Curve]:
     """The configurations that differ only in their shots, as curves of two or more points.
 
     Keys that change with the shots within a tag, one value per shots value (epochs scaled to
     the data, say), go with the shots too: :func:`moving_keys` names them. Configurations
     without an integer ``dataset.shots`` (trained on every label) are not on a curve. Curves
-    keep the order in which their configurations first appear.
+    keep the order in which their configurations first appear. ``moving`` is
+    :func:`moving_keys` of the same configurations, when the caller has it already.
     """
-    moving = moving_keys(configs)
+    moving = moving_keys(configs) if moving is None else moving
     series: dict[tuple[str, str], dict[int, Configuration]] = {}
     for c in configs:
         shots = _shots(c)

@@ -85,9 +85,10 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     choose_baselines(configs)
     weak = weak_teachers(configs, jobs)
     notes = _notes(run_dir, jobs, configs, metrics) + [w.note() for w in weak]
-    curves = shots_curves(configs)
+    moving = moving_keys(configs)
+    curves = shots_curves(configs, moving)
     if curves:
-        notes += moving_note(moving_keys(configs))
+        notes += moving_note(moving)
     shots = _shots_files(run_dir, curves, metrics) if curves else None
     text = render_markdown(run_dir.name, configs, jobs, metrics, notes, shots, weak)
     write_text(run_dir / "report.md", text)
@@ -505,14 +506,17 @@ def _run_dir(out_dir: Path, run: str | None) -> Path:
         if run:
             log.info("report on the most recent run '%s' (pass run=NAME to choose)", run)
     if run is None or not (out_dir / run).is_dir():
-        runs = (
-            sorted(p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if out_dir.is_dir()
-            else []
-        )
+        runs = _runs_in(out_dir)
         what = f"run '{run}' does not exist in '{out_dir}'" if run else f"no run in '{out_dir}'"
         raise ReportError(f"{what}; runs there: {', '.join(runs) or 'none'}")
     return out_dir / run
+
+
+def _runs_in(out_dir: Path) -> list[str]:
+    """The run folders in ``out_dir``, sorted; hidden folders (``.teacher_cache``) are not runs."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def other_runs(out_dir: Path, names: list[str], own: str) -> list[str]:
@@ -521,8 +525,7 @@ def other_runs(out_dir: Path, names: list[str], own: str) -> list[str]:
     Raises:
         ReportError: A pattern that matches no run (naming the runs there).
     """
-    present = sorted(p.name for p in out_dir.iterdir() if p.is_dir()) if out_dir.is_dir() else []
-    present = [r for r in present if not r.startswith(".")]
+    present = _runs_in(out_dir)
     found: list[str] = []
     for name in names:
         if not any(ch in name for ch in "*?["):

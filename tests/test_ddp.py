@@ -4,6 +4,7 @@ Each torchrun test starts three Python processes (agent and two workers); ``devi
 lets the two workers share two cores.
 """
 
+import gc
 import json
 import os
 import signal
@@ -136,9 +137,12 @@ def _replica_step(rank: int, init_file: str, out: str) -> None:
     _loss(logits, feats, y[rank::2], extra).backward()
     grads = {n: p.grad for n, p in [*model.named_parameters(), *extra.named_parameters(prefix="x")]}
     torch.save(grads, f"{out}/{rank}.pt")
+    del runner  # the DDP reducer holds the process group: it goes first, then the group
+    gc.collect()
     # as distributed.leave does: no process tears gloo down while the other still talks
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # the results are on disk: skip exit-time destructors, where gloo once aborted
 
 
 def _problem() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:

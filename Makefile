@@ -227,7 +227,7 @@ cifar-split-methods: outputs/cifar_split/report.md ## the logit methods on the c
 	    stage.metrics=[best_val_acc,top1]
 
 # --- the distillation step's cost (docs/performance.md) ----------------------------------------
-bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~6 min)
+bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~10 min)
 	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --variants plain,prepared,bf16,compile,compile_bf16 \
 	    --out docs/bench_kd_loop.json
 

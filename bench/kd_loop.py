@@ -15,7 +15,10 @@ images, teacher checkpoint, student (``cnn``, the seed's CNN) and batch size (12
   ``stage.teacher_prep=fold``); ``--variants`` adds ``bf16`` (``stage.teacher_precision=
   bfloat16``) and ``compile`` (``stage.teacher_prep=compile``, its first epoch left out);
 - ``distill`` **cached**: a second job of the same run, another seed and temperature, that
-  reads every teacher output the first (uncached-cost) job stored.
+  reads every teacher output the first (uncached-cost) job stored;
+- ``distill`` **uncached, long** (``--long-epochs``): the default preparation (``auto``) on a job
+  long enough for it to compile the teacher, its images/s over the whole job (the compile and
+  the first epoch included) and its decision from the manifest.
 
 Images/s are the median over epochs (``images_per_sec`` of ``metrics.jsonl``). In-process, on
 one batch of the same images: the teacher's forward time plain (eval mode, channels-last, no_grad:
@@ -47,7 +50,7 @@ from distill_cli.models import build_model
 
 DISTILL = {  # distill-cli variants: the overrides of each, the epochs left out of the median
     "plain": (["stage.teacher_cache=false", "stage.teacher_prep=none"], 0),
-    "prepared": (["stage.teacher_cache=false"], 0),
+    "prepared": (["stage.teacher_cache=false"], 0),  # the default, auto: folds a short job
     "bf16": (["stage.teacher_cache=false", "stage.teacher_precision=bfloat16"], 0),
     "compile": (["stage.teacher_cache=false", "stage.teacher_prep=compile"], 1),
     "compile_bf16": (
@@ -194,6 +197,8 @@ def main() -> None:
                    help=f"distill-cli and teacher variants, of {','.join(DISTILL)}")  # fmt: skip
     p.add_argument("--rounds", type=int, default=5, help="of the in-process teacher timing")
     p.add_argument("--reps", type=int, default=3, help="forwards per round")
+    p.add_argument("--long-epochs", type=int, default=40,
+                   help="the default on a long uncached job (0: not run)")  # fmt: skip
     p.add_argument("--parts", default="reference,distill,teacher")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
@@ -221,6 +226,16 @@ def main() -> None:
                 epochs = [f"stage.epochs={a.epochs + skip}"] if skip else []
                 rates[f"distill_{name}"] = distill_rates(out, name, [*student, *args, *epochs],
                                                          skip)  # fmt: skip
+            if a.long_epochs:
+                long = [*student, "stage.teacher_cache=false", f"stage.epochs={a.long_epochs}"]
+                rates["distill_default_long"] = distill_rates(out, "long", long)
+                per_epoch = rates["distill_default_long"]  # the same images every epoch
+                result["default_long"] = {
+                    "epochs": a.long_epochs,
+                    "job_images_per_sec": round(len(per_epoch) / sum(1 / r for r in per_epoch), 1),
+                    "teacher_prep": json.loads((out / "b" / "long" / "manifest.json").read_text())[
+                        "teacher_prep"],
+                }  # fmt: skip
             fill = distill_rates(out, "fill", [*student, "kd.temperature=4"])
             rates["distill_cache_fill"] = fill
             again = [*student, "seed=1", "kd.temperature=2"]  # another job of the sweep
@@ -236,6 +251,10 @@ def main() -> None:
                 for k, v in medians.items()
                 if k != "reference"
             }
+            if "default_long" in result:
+                long = result["default_long"]
+                long["job_over_reference"] = round(
+                    long["job_images_per_sec"] / medians["reference"], 2)  # fmt: skip
         if "teacher" in parts:
             result["teacher"] = teacher_share(teacher, root, a.batch, variants, a.rounds, a.reps)
     report = {

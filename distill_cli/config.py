@@ -36,7 +36,7 @@ CRD_NEGATIVES = ("other_class", "uniform")
 TRANSFER_SETS = ("labeled", "target", "source", "source+target")
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
-TEACHER_PREPS = ("none", "fold", "compile")  # kd.teacher_prep.PREPS
+TEACHER_PREPS = ("none", "fold", "compile", "auto")  # kd.teacher_prep.PREPS
 TEACHER_PRECISIONS = ("float32", "bfloat16", "float16")  # kd.teacher_prep.PRECISIONS
 REPORT_METRICS = (
     "best_val_acc", "last_val_acc", "best_epoch", "train_time_s", "params", "top1", "top5", "nll",
@@ -230,6 +230,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.aug_views": _optional(_int(1)),
     "stage.teacher_prep": _optional(_one_of(TEACHER_PREPS)),
     "stage.teacher_precision": _optional(_one_of(TEACHER_PRECISIONS)),
+    "stage.teacher_compile_after_s": _NONNEG,
     "logger.name": _one_of(LOGGERS),
     "logger.dir": _RUN,
     "logger.tracking_uri": _STR,

@@ -100,7 +100,7 @@ def test_kd_loop_benchmark_smoke(tmp_path):
         [sys.executable, str(BENCH.parent / "kd_loop.py"), "--data", str(tmp_path / "data"),
          "--classes", "2", "--per-class", "16", "--batch", "8", "--epochs", "1",
          "--teacher-epochs", "1", "--workers", "0", "--rounds", "1", "--reps", "1",
-         "--out", str(out)],
+         "--long-epochs", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -112,6 +112,10 @@ def test_kd_loop_benchmark_smoke(tmp_path):
     assert teacher["prep"]["prepared"]["folded"] == 10  # resnet8x4
     assert 0 < teacher["teacher_share_of_step"]["prepared"] < 1
     assert teacher["forward_speedup_over_plain"]["prepared"] > 0
+    long = report["default_long"]  # auto on a 2-epoch job of 4 batches: too short to compile
+    assert long["epochs"] == 2 and len(report["epochs_images_per_sec"]["distill_default_long"]) == 2
+    assert long["teacher_prep"]["auto"]["forwards"] == 8 and long["job_over_reference"] > 0
+    assert long["teacher_prep"]["prep"] == "fold"
 
 
 def test_aug_views_benchmark_smoke(tmp_path):

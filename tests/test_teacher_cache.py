@@ -224,3 +224,21 @@ def test_the_cache_key_records_the_teacher_preparation(teacher_run):
     assert plain["teacher_cache"]["hit_rate"] == 0.0  # no cached output of another preparation
     assert again["teacher_cache"]["key"] == plain["teacher_cache"]["key"]
     assert again["teacher_cache"]["hit_rate"] == 1.0
+
+
+def test_auto_keeps_the_preparation_a_sweep_already_cached(teacher_run, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # compile's bookkeeping, not inductor
+    views = ["stage.aug_views=3"]  # a key of its own: no other test cached these outputs
+    _, first = _job(teacher_run, "auto_c1", *views, "stage.teacher_prep=compile")
+    _, second = _job(teacher_run, "auto_c2", *views, "kd.temperature=2")  # the default, auto
+    assert first["teacher_prep"]["prep"] == "compile" and "auto" not in first["teacher_prep"]
+    auto = second["teacher_prep"]["auto"]
+    assert auto["decision"] == "compile: the teacher cache holds its outputs"
+    assert auto["estimated_teacher_s"] < auto["compile_after_s"]  # a short job, yet compiled
+    assert second["teacher_prep"]["prep"] == "compile"
+    assert second["teacher_cache"]["key"] == first["teacher_cache"]["key"]
+    assert second["teacher_cache"]["hit_rate"] == 1.0
+    _, third = _job(teacher_run, "auto_f", "stage.aug_views=4")  # nothing cached: a short job
+    assert third["teacher_prep"]["prep"] == "fold"
+    assert third["teacher_prep"]["auto"]["decision"] == "fold: too short a job to pay for a compile"
+    assert third["teacher_prep"]["auto"]["forwards"] == 3  # min(3 epochs, 4 views) x 1 batch

@@ -116,11 +116,11 @@ def test_the_cache_key_records_the_preparation():
 
 
 def test_the_options_resolve_and_are_checked(make_cfg):
-    assert resolve(None, compile=False) == "fold" and resolve(None, compile=True) == "compile"
+    assert resolve(None, compile=False) == "auto" and resolve(None, compile=True) == "compile"
     assert resolve("none", compile=True) == "none"
     cfg = make_cfg("stage=distill", "stage.teacher_prep=fast")
     with pytest.raises(ConfigError, match=r"stage.teacher_prep='fast' is invalid: expected one "
-                                          r"of none, fold, compile or null"):  # fmt: skip
+                                          r"of none, fold, compile, auto or null"):  # fmt: skip
         check(cfg)
     with pytest.raises(ConfigError, match="stage.teacher_precision"):
         check(make_cfg("stage=distill", "stage.teacher_precision=half"))
@@ -145,3 +145,85 @@ def test_a_renormalising_teacher_is_folded_inside_its_wrapper():
     assert wrapped.teacher is inner and any(  # the wrapper's own teacher is left unfolded
         isinstance(m, torch.nn.BatchNorm2d) for m in inner.modules()
     )
+
+
+def _timed(monkeypatch, folded_s, compiled_s):
+    """``torch.compile`` marks its forward; ``_seconds`` reports these times for fold/compile."""
+    compiled = set()
+
+    def compile(fn):
+        def run(x):
+            return fn(x)
+
+        compiled.add(run)
+        return run
+
+    def seconds(run, x, reps=3):
+        run(x)
+        return compiled_s if run.__closure__ and any(
+            c.cell_contents in compiled for c in run.__closure__) else folded_s  # fmt: skip
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(teacher_prep, "_seconds", seconds)
+    return compiled
+
+
+def test_auto_folds_a_short_job_without_compiling(monkeypatch):
+    compiled = _timed(monkeypatch, folded_s=0.5, compiled_s=0.1)
+    prepared = PreparedTeacher(_teacher(), ["pooled"], "auto", forwards=100, compile_after_s=60)
+    prepared(_batch())
+    auto = prepared.info["auto"]
+    assert auto["estimated_teacher_s"] == 50.0 and auto["forwards"] == 100  # 0.5 s x 100
+    assert auto["decision"] == "fold: too short a job to pay for a compile"
+    assert not compiled and prepared.key()["prep"] == "fold" and prepared.checked is True
+    assert "auto: fold: too short" in prepared.summary()
+
+
+def test_auto_compiles_a_long_job_when_the_compile_is_faster(monkeypatch):
+    compiled = _timed(monkeypatch, folded_s=0.5, compiled_s=0.3)
+    prepared = PreparedTeacher(_teacher(), ["pooled"], "auto", forwards=120, compile_after_s=60)
+    x = _batch()
+    prepared(x)
+    assert prepared.info["auto"]["decision"] == "compile: estimated to pay for its compile"
+    assert len(compiled) == 1 and prepared.key()["prep"] == "compile"
+    assert prepared.info["auto"]["compiled_max_error"] <= TOLERANCE["float32"]
+    with torch.no_grad():  # the compiled teacher now runs, and gives the plain teacher's logits
+        assert torch.allclose(prepared(x)["logits"], prepared.plain(x), atol=1e-5)
+
+
+def test_auto_keeps_the_fold_when_the_compile_is_no_faster_or_fails(monkeypatch, caplog):
+    _timed(monkeypatch, folded_s=0.5, compiled_s=0.56)  # beyond the noise allowed (x1.1)
+    slow = PreparedTeacher(_teacher(), [], "auto", forwards=1000, compile_after_s=60)
+    slow(_batch())
+    assert slow.info["auto"]["decision"] == "fold: the compiled forward measured slower"
+    assert slow.key()["prep"] == "fold"
+    _timed(monkeypatch, folded_s=0.5, compiled_s=0.54)  # within one batch's timing noise
+    even = PreparedTeacher(_teacher(), [], "auto", forwards=1000, compile_after_s=60)
+    even(_batch())
+    assert even.key()["prep"] == "compile"
+
+    def no_compiler(fn):
+        def fail(x):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    failing = PreparedTeacher(_teacher(), [], "auto", forwards=1000, compile_after_s=60)
+    with caplog.at_level(logging.WARNING, logger="distill_cli"):
+        failing(_batch())
+    assert failing.checked is True and failing.key()["prep"] == "fold"  # folded, not plain
+    assert failing.info["auto"]["decision"].startswith("fold: compile failed (RuntimeError")
+    assert "stage.teacher_prep=auto: compile failed" in caplog.text
+
+
+def test_auto_follows_the_cache(monkeypatch):
+    compiled = _timed(monkeypatch, folded_s=0.5, compiled_s=0.9)
+    cached = PreparedTeacher(_teacher(), [], "auto", forwards=1000, compile_after_s=60)
+    cached.cached = "fold"  # a long job, but its outputs are cached under fold: no compile
+    cached(_batch())
+    assert not compiled and cached.key()["prep"] == "fold"
+    again = PreparedTeacher(_teacher(), [], "auto", forwards=1, compile_after_s=60)
+    again.cached = "compile"  # compiled even for a short job, even if no faster: the key's
+    again(_batch())
+    assert again.key()["prep"] == "compile" and again.key("fold")["prep"] == "fold"

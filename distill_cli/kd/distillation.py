@@ -27,7 +27,7 @@ from distill_cli.data import convert, load_dataset, unlabeled_indices
 from distill_cli.kd.features import FEATURE_METHODS, FeatureDistiller, feature_shapes
 from distill_cli.kd.losses import UNLABELLED, distill_loss
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
-from distill_cli.kd.teacher_prep import PreparedTeacher, resolve
+from distill_cli.kd.teacher_prep import COMPILE_AFTER_S, PreparedTeacher, resolve
 from distill_cli.kd.temperature import CurriculumTemperature, curriculum_strength
 
 log = logging.getLogger("distill_cli")
@@ -232,7 +232,15 @@ def objective(
     else:
         logit_method, logit_options = method, kd
     names = list(distiller.teacher_layers) if distiller is not None else []
-    prepared = _prepared_teacher(cfg, teacher, names, device)
+    per_image = teacher.num_classes + sum(math.prod(teacher_shapes[n]) for n in names)
+    if cache_at is not None and not _cache_fits(cfg, per_image, names, train):
+        cache_at = None
+    prepared = _prepared_teacher(
+        cfg, teacher, names, device, _teacher_forwards(cfg, train, cache_at)
+    )
+    if cache_at is not None and prepared.asked == "auto":  # keep what a sweep already cached
+        prepared.cached = next((p for p in ("fold", "compile") if _cache_file(
+            cache_at, names, prepared.key(p)).exists()), None)  # fmt: skip
 
     def teacher_outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
         return prepared(x)
@@ -241,9 +249,10 @@ def objective(
         batch = next(iter(train), None)  # compare with the plain teacher before the first step
         if batch is not None:
             teacher_outputs(batch[0])
-    per_image = teacher.num_classes + sum(math.prod(teacher_shapes[n]) for n in names)
-    cache = _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device,
-                   prepared.key())  # fmt: skip
+    cache = None
+    if cache_at is not None:
+        file = _cache_file(cache_at, names, prepared.key())
+        cache = TeacherCache(teacher_outputs, train.num_samples, file, file.stem, device)
 
     def loss_fn(model, x, y):
         ramp = min(1.0, train.epoch / warmup) if warmup else 1.0
@@ -278,8 +287,11 @@ def objective(
     return Objective(loss_fn, adapters, cache, prepared, summary)
 
 
-def _prepared_teacher(cfg, teacher, names, device) -> PreparedTeacher:
-    """The teacher as ``stage.teacher_prep`` and ``stage.teacher_precision`` prepare it."""
+def _prepared_teacher(cfg, teacher, names, device, forwards: int = 0) -> PreparedTeacher:
+    """The teacher as ``stage.teacher_prep`` and ``stage.teacher_precision`` prepare it.
+
+    ``forwards`` is the number of teacher forwards the job expects (what ``auto`` weighs).
+    """
     precision = cfg.stage.get("teacher_precision")
     if precision == "float16" and device.type != "cuda":
         raise StageError(
@@ -287,24 +299,38 @@ def _prepared_teacher(cfg, teacher, names, device) -> PreparedTeacher:
             "bfloat16, float32 or null"
         )
     prep = resolve(cfg.stage.get("teacher_prep"), cfg.device.compile)
-    return PreparedTeacher(teacher, names, prep, precision)
+    after = cfg.stage.get("teacher_compile_after_s", COMPILE_AFTER_S)  # absent in older configs
+    return PreparedTeacher(teacher, names, prep, precision, forwards, after)
 
 
-def _cache(cfg, per_image, names, train, teacher_outputs, cache_at, device, prep):
-    """The teacher cache, or None when it is off or would outgrow ``CACHE_BUDGET_BYTES``.
+def _teacher_forwards(cfg, train, cache_at) -> int:
+    """The teacher forwards a job runs without a warm cache.
 
-    ``per_image`` is the number of values cached per (view, image): logits and ``names``;
-    ``prep`` is how the teacher was prepared, part of the key.
+    Every batch of every epoch, or with the cache and ``stage.aug_views=K`` those of the first K
+    epochs (later ones hit it).
     """
-    if cache_at is None:
-        return None
+    views = cfg.stage.get("aug_views") if cache_at is not None else None
+    epochs = cfg.stage.epochs if not views else min(cfg.stage.epochs, views)
+    return epochs * len(train)
+
+
+def _cache_fits(cfg, per_image, names, train) -> bool:
+    """Whether the teacher cache stays within ``CACHE_BUDGET_BYTES`` (it is off otherwise).
+
+    ``per_image`` is the number of values cached per (view, image): logits and ``names``.
+    """
     seen = cfg.stage.epochs * len(train) * train.batch_size
     if cfg.stage.aug_views:
         seen = min(seen, cfg.stage.aug_views * train.num_samples)
     if 4 * per_image * seen > CACHE_BUDGET_BYTES:
         log.info("teacher cache off: about %.1f GB would exceed its %.0f GB budget (features %s)",
                  4 * per_image * seen / 1e9, CACHE_BUDGET_BYTES / 1e9, names)  # fmt: skip
-        return None
+        return False
+    return True
+
+
+def _cache_file(cache_at, names, prep: dict) -> Path:
+    """The teacher cache's file for these outputs under the preparation ``prep`` (its key)."""
     folder, parts = cache_at
     key = cache_key({**parts, "outputs": ["logits", *names], "teacher_prep": prep})
-    return TeacherCache(teacher_outputs, train.num_samples, folder / f"{key}.pt", key, device)
+    return folder / f"{key}.pt"

@@ -5,6 +5,11 @@
 The teacher never trains, so what training needs (separate BatchNorm passes, autograd records,
 an eager graph) can go before the first step:
 
+- ``auto`` (the default): ``fold``, then ``compile`` only where it pays: when the folded
+  teacher's forward time on the first batch, times the forwards the job will run (its uncached
+  batches), reaches ``compile_after_s`` seconds, and the compiled forward then measures faster.
+  A job whose teacher outputs are already cached keeps the preparation that cached them.
+
 - ``fold``: BatchNorm folded into the convolution before it (``models.fold``), the teacher's
   memory layout kept (channels-last when the stage uses it), forward under
   ``torch.inference_mode``. Exact up to float rounding.
@@ -38,18 +43,26 @@ from distill_cli.models.interface import DistillModel
 
 log = logging.getLogger("distill_cli")
 
-PREPS = ("none", "fold", "compile")
+PREPS = ("none", "fold", "compile", "auto")
 PRECISIONS = ("float32", "bfloat16", "float16")
 # Largest allowed |prepared - plain| over max(1, max |plain|), by the outputs' precision:
 # folding only reorders float32 rounding (measured below 2e-6 on every model of the zoo); a
 # half-precision forward keeps 8 (bfloat16) or 11 (float16) bits of each value.
 TOLERANCE = {"float32": 1e-3, "half": 5e-2}
+# ``auto`` compiles once the job's estimated teacher time reaches this: compiling the teacher took
+# 14 s cold (3 to 7 s with inductor's caches warm) on 2 CPU cores, and saved 24% to 39% of its
+# forward (1.32x to 1.63x, docs/performance.md), so 120 s of teacher time pays the compile back
+# about twice over at the smallest measured saving.
+COMPILE_AFTER_S = 120.0
+# ``auto`` drops a compiled teacher whose forward, on the first batch, takes longer than this
+# times the folded one's (the fastest of 3 calls each)
+SLOWER = 1.1
 
 
 def resolve(prep: str | None, compile: bool) -> str:
-    """``stage.teacher_prep``: null means ``fold``, or ``compile`` when ``device.compile`` is on."""
+    """``stage.teacher_prep``: null means ``auto``, or ``compile`` when ``device.compile`` is on."""
     if prep is None:
-        return "compile" if compile else "fold"
+        return "compile" if compile else "auto"
     if prep not in PREPS:
         raise ValueError(f"unknown teacher preparation {prep!r}; valid: {', '.join(PREPS)}")
     return prep
@@ -61,9 +74,12 @@ class PreparedTeacher:
     Args:
         teacher: The frozen teacher in eval mode (its memory format is kept).
         names: The features the distillation method reads (``forward_with_features`` keys).
-        prep: One of :data:`PREPS`.
+        prep: One of :data:`PREPS`; ``auto`` settles on ``fold`` or ``compile`` at the check.
         precision: One of :data:`PRECISIONS`, or None for the surrounding autocast (the
             student's).
+        forwards: ``auto`` only: the teacher forwards the job expects to run (its uncached
+            batches).
+        compile_after_s: ``auto`` only: the estimated teacher seconds from which it compiles.
     """
 
     def __init__(
@@ -72,12 +88,17 @@ class PreparedTeacher:
         names: Sequence[str] = (),
         prep: str = "fold",
         precision: str | None = None,
+        forwards: int = 0,
+        compile_after_s: float = COMPILE_AFTER_S,
     ) -> None:
         if prep not in PREPS or precision not in (None, *PRECISIONS):
             raise ValueError(f"teacher preparation {prep!r}, precision {precision!r}: unknown")
         self.plain, self.names = teacher, tuple(names)
-        self.prep, self.precision = prep, precision
-        self.info: dict = {"prep": prep, "precision": precision}
+        self.asked, self.precision = prep, precision
+        self.prep = "fold" if prep == "auto" else prep  # auto starts folded, may compile later
+        self.forwards, self.compile_after_s = forwards, compile_after_s
+        self.cached: str | None = None  # auto: the preparation whose outputs the cache holds
+        self.info: dict = {"prep": self.prep, "precision": precision}
         self.checked: bool | None = None  # None: not compared with the plain teacher yet
         self._run: Callable[[Tensor], dict[str, Tensor]] = self._plain
         if prep == "none" and precision is None:
@@ -97,9 +118,11 @@ class PreparedTeacher:
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             self.info.update(channels_last=channels_last, inference_mode=True)
-        forward = _outputs(model, self.names)
-        if self.prep == "compile":
-            forward = torch.compile(forward)
+        self._forward = _outputs(model, self.names)
+        return self._runner(torch.compile(self._forward) if self.prep == "compile"
+                            else self._forward)  # fmt: skip
+
+    def _runner(self, forward: Callable) -> Callable[[Tensor], dict[str, Tensor]]:
         precision, inference = self.precision, self.prep != "none"
 
         def run(x: Tensor) -> dict[str, Tensor]:
@@ -143,11 +166,60 @@ class PreparedTeacher:
                             f"(tolerance {tolerance:g})")  # fmt: skip
             return plain
         self.checked = True
+        if self.asked == "auto":
+            self._settle(x, plain)
         log.info("teacher prepared (%s): %s", self.prep, self.summary())
         return prepared
 
+    def _settle(self, x: Tensor, plain: dict[str, Tensor]) -> None:
+        """``auto``, once ``fold`` has passed its check: compiles where the job is long enough.
+
+        The compiled forward runs unless it differs from the plain teacher or measures clearly
+        slower than the folded one on ``x`` (by more than :data:`SLOWER`: one batch's timing is
+        noisy, and a compile already paid for costs nothing more); the info says why.
+        """
+        folded_s = _seconds(self._run, x)
+        estimate = folded_s * self.forwards
+        auto = {
+            "forward_s": round(folded_s, 4),
+            "forwards": self.forwards,
+            "estimated_teacher_s": round(estimate, 1),
+            "compile_after_s": self.compile_after_s,
+        }
+        self.info["auto"] = auto
+        if self.cached is not None:
+            auto["decision"] = f"{self.cached}: the teacher cache holds its outputs"
+            if self.cached == "fold":
+                return
+        elif estimate < self.compile_after_s:
+            auto["decision"] = "fold: too short a job to pay for a compile"
+            return
+        start = time.perf_counter()
+        try:
+            compiled = self._runner(torch.compile(self._forward))
+            out = compiled(x)
+            auto["compile_s"] = round(time.perf_counter() - start, 1)
+            error = max(_relative_error(out[k], plain[k]) for k in plain)
+            compiled_s = _seconds(compiled, x)
+        except Exception as exc:  # e.g. no working C++ compiler: the folded teacher stays
+            why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            auto["decision"] = f"fold: compile failed ({why})"
+            log.warning("stage.teacher_prep=auto: compile failed (%s); the folded teacher runs",
+                        why)  # fmt: skip
+            return
+        auto.update(compiled_forward_s=round(compiled_s, 4),
+                    compiled_max_error=float(f"{error:.3g}"))  # fmt: skip
+        if not error <= self.info["tolerance"]:
+            auto["decision"] = f"fold: the compiled outputs differ by {error:.3g} relative"
+        elif compiled_s > SLOWER * folded_s and self.cached is None:
+            auto["decision"] = "fold: the compiled forward measured slower"
+        else:
+            auto["decision"] = auto.get("decision", "compile: estimated to pay for its compile")
+            self._run, self.prep = compiled, "compile"
+            self.info.update(prep="compile", max_error=max(self.info["max_error"], error))
+
     def _fall_back(self, why: str) -> None:
-        asked = f"stage.teacher_prep={self.prep}" + (
+        asked = f"stage.teacher_prep={self.asked}" + (
             f" stage.teacher_precision={self.precision}" if self.precision else ""
         )
         log.warning("%s not used (%s): the plain teacher runs", asked, why)
@@ -158,9 +230,15 @@ class PreparedTeacher:
     def _plain(self, x: Tensor) -> dict[str, Tensor]:
         return _outputs(self.plain, self.names)(x)
 
-    def key(self) -> dict:
-        """What the teacher's outputs depend on, for the teacher cache's key."""
-        return {k: self.info.get(k) for k in ("prep", "precision", "channels_last")}
+    def key(self, prep: str | None = None) -> dict:
+        """What the teacher's outputs depend on, for the teacher cache's key.
+
+        Args:
+            prep: The key the outputs would have under this preparation instead (``auto``
+                looks for the cache of either).
+        """
+        key = {k: self.info.get(k) for k in ("prep", "precision", "channels_last")}
+        return key if prep is None else {**key, "prep": prep}
 
     def summary(self) -> str:
         """One line: what was prepared and how close it came to the plain teacher."""
@@ -173,7 +251,12 @@ class PreparedTeacher:
             parts.append("channels-last" if i["channels_last"] else "contiguous")
             parts.append("inference mode")
         if self.prep == "compile":
-            parts.append(f"compiled (first batch {i.get('first_batch_s', 0):.1f} s)")
+            first = i["auto"].get("compile_s", 0) if "auto" in i else i.get("first_batch_s", 0)
+            parts.append(f"compiled (first batch {first:.1f} s)")
+        if "auto" in i:
+            parts.append(f"auto: {i['auto']['decision']} (estimated teacher time "
+                         f"{i['auto']['estimated_teacher_s']:.0f} s, compiles from "
+                         f"{i['auto']['compile_after_s']:g} s)")  # fmt: skip
         parts.append(f"precision {self.precision or 'as the student'}")
         if "max_error" in i:
             parts.append(f"outputs within {i['max_error']:.2g} of the plain teacher's "
@@ -212,6 +295,18 @@ def _autocast(device_type: str, precision: str | None) -> contextlib.AbstractCon
     if precision == "float32":
         return torch.autocast(device_type, enabled=False)
     return torch.autocast(device_type, dtype=getattr(torch, precision))
+
+
+def _seconds(run: Callable[[Tensor], Any], x: Tensor, reps: int = 3) -> float:
+    """Wall seconds of a call of ``run`` on ``x``, outputs complete: the fastest of ``reps``."""
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        run(x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _is_channels_last(model: torch.nn.Module) -> bool:

@@ -1,6 +1,6 @@
 """BatchNorm folded into the convolution before it, for a model that only runs in eval mode.
 
-    distill-cli distill stage.teacher_prep=fold      # the frozen teacher, folded (the default)
+    distill-cli distill stage.teacher_prep=fold   # the frozen teacher, folded (auto starts here)
 
 In eval mode a BatchNorm is a per-channel affine map with constant coefficients, so a
 convolution followed directly by one equals a single convolution with rescaled weights and a

@@ -50,9 +50,9 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 # half-precision forward keeps 8 (bfloat16) or 11 (float16) bits of each value.
 TOLERANCE = {"float32": 1e-3, "half": 5e-2}
 # ``auto`` compiles once the job's estimated teacher time reaches this: compiling the teacher took
-# 14 s cold (3 to 7 s with inductor's caches warm) on 2 CPU cores, and saved 24% to 39% of its
-# forward (1.32x to 1.63x, docs/performance.md), so 120 s of teacher time pays the compile back
-# about twice over at the smallest measured saving.
+# 14 s cold (1.7 to 7 s with inductor's caches warm) on 2 CPU cores, and saved 24% to 45% of its
+# forward (1.31x to 1.83x in six runs, docs/performance.md), so 120 s of teacher time pays the
+# compile back about twice over at the smallest measured saving.
 COMPILE_AFTER_S = 120.0
 # ``auto`` drops a compiled teacher whose forward, on the first batch, takes longer than this
 # times the folded one's (the fastest of 3 calls each)

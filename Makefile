@@ -235,7 +235,7 @@ bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_vi
 	$(BIN)/python bench/aug_views.py --data glyphs --views 1,2,4,8,16,none --seeds 0,1,2 \
 	    --out docs/bench_aug_views_glyphs.json
 	$(BIN)/python bench/aug_views.py --data $(CIFAR10) --views 1,2,4,8,none --seeds 0,1 \
-	    --out docs/bench_aug_views_cifar10.json
+	    --per-class 300 --teacher-epochs 8 --out docs/bench_aug_views_cifar10.json
 
 # --- real CIFAR-10 images: ../shared/data's JPEG tarball, extracted once into data/ -----------
 cifar10-data: $(CIFAR10)/.extracted ## extract the CIFAR-10 JPEG tarball into data/cifar10_jpeg (once)

@@ -231,7 +231,7 @@ bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the te
 	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --variants plain,prepared,bf16,compile,compile_bf16 \
 	    --out docs/bench_kd_loop.json
 
-bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_views=K, glyphs and CIFAR-10 (~30 min)
+bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_views=K, glyphs and CIFAR-10 (~10 min)
 	$(BIN)/python bench/aug_views.py --data glyphs --views 1,2,4,8,16,none --seeds 0,1,2 \
 	    --out docs/bench_aug_views_glyphs.json
 	$(BIN)/python bench/aug_views.py --data $(CIFAR10) --views 1,2,4,8,none --seeds 0,1 \

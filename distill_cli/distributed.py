@@ -12,6 +12,7 @@ a no-op that returns its input.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,9 @@ def shutdown(together: bool = False) -> None:
     """
     global _device
     if dist.is_initialized():
+        # A DDP wrapper's reducer holds the group; one left in a reference cycle would be freed
+        # after the group is gone (the order that aborted a gloo test's worker at exit).
+        gc.collect()
         if together:
             dist.barrier()
         dist.destroy_process_group()

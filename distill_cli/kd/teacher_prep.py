@@ -7,9 +7,9 @@ an eager graph) can go before the first step:
 
 - ``auto`` (the default): ``fold``, then ``compile`` only where it pays: when the folded
   teacher's forward time on the first batch, times the forwards the job will run (its uncached
-  batches), reaches ``compile_after_s`` seconds, and the compiled forward then measures faster.
-  A job whose teacher outputs are already cached keeps the preparation that cached them.
-
+  batches), reaches ``compile_after_s`` seconds, unless the compiled forward then measures more
+  than :data:`SLOWER` times the folded one's. A job whose teacher outputs are already cached
+  keeps the preparation that cached them.
 - ``fold``: BatchNorm folded into the convolution before it (``models.fold``), the teacher's
   memory layout kept (channels-last when the stage uses it), forward under
   ``torch.inference_mode``. Exact up to float rounding.
@@ -107,7 +107,7 @@ class PreparedTeacher:
         try:
             self._run = self._build()
         except Exception as exc:  # a preparation that cannot be built: the plain teacher runs
-            self._fall_back(f"{type(exc).__name__}: {exc}")
+            self._fall_back(_why(exc))
 
     def _build(self) -> Callable[[Tensor], dict[str, Tensor]]:
         model = self.plain
@@ -153,13 +153,13 @@ class PreparedTeacher:
         try:
             prepared = self._run(x)
         except Exception as exc:  # e.g. torch.compile without a working C++ compiler
-            self._fall_back(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+            self._fall_back(_why(exc))
             return plain
         self.info["first_batch_s"] = round(time.perf_counter() - start, 3)
         outputs = (*plain.values(), *prepared.values())
         half = any(v.dtype in (torch.float16, torch.bfloat16) for v in outputs)
         tolerance = TOLERANCE["half" if half else "float32"]
-        error = max(_relative_error(prepared[k], plain[k]) for k in plain)
+        error = _max_error(prepared, plain)
         self.info.update(max_error=float(f"{error:.3g}"), tolerance=tolerance)
         if not error <= tolerance:  # NaN too
             self._fall_back(f"outputs differ from the plain teacher's by {error:.3g} relative "
@@ -199,10 +199,10 @@ class PreparedTeacher:
             compiled = self._runner(torch.compile(self._forward))
             out = compiled(x)
             auto["compile_s"] = round(time.perf_counter() - start, 1)
-            error = max(_relative_error(out[k], plain[k]) for k in plain)
+            error = _max_error(out, plain)
             compiled_s = _seconds(compiled, x)
         except Exception as exc:  # e.g. no working C++ compiler: the folded teacher stays
-            why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            why = _why(exc)
             auto["decision"] = f"fold: compile failed ({why})"
             log.warning("stage.teacher_prep=auto: compile failed (%s); the folded teacher runs",
                         why)  # fmt: skip
@@ -315,6 +315,16 @@ def _is_channels_last(model: torch.nn.Module) -> bool:
     return bool(convs) and all(
         m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs
     )
+
+
+def _why(exc: Exception) -> str:
+    """One line for a preparation that failed: the exception's type and its message, cut short."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+
+
+def _max_error(prepared: dict[str, Tensor], plain: dict[str, Tensor]) -> float:
+    """The largest :func:`_relative_error` over the plain teacher's outputs."""
+    return max(_relative_error(prepared[k], plain[k]) for k in plain)
 
 
 def _relative_error(prepared: Tensor, plain: Tensor) -> float:

@@ -189,23 +189,59 @@ $(CS_TEACHER_CKPT): | $(STAMP) $(CIFAR10)/.extracted
 	    stage.epochs=$(CS_PRETRAIN_EPOCHS) stage.batch_size=128 optimizer.lr=0.1
 	$(CLI) eval run=cifar_split stage.plots=false
 
-# One shots value and seed: the stem is k<K>_seed<S>.
-outputs/cifar_split_%/eval/metrics.json: $(CS_TEACHER_CKPT)
-	$(eval K := $(patsubst k%,%,$(word 1,$(subst _, ,$*))))
-	$(eval S := $(patsubst seed%,%,$(word 2,$(subst _, ,$*))))
-	$(eval RUNARGS := run=cifar_split_$* seed=$(S) overwrite=true $(CS_EXTRA))
-	$(eval DATA_K := $(CS_TARGET) dataset.shots=$(K) dataset.subset_seed=$(S))
-	$(CLI) finetune $(RUNARGS) $(DATA_K) stage.from=outputs/cifar_split/pretrain \
-	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
-	$(CLI) pretrain $(RUNARGS) $(DATA_K) model=$(CS_TEACHER) tag=scratch_teacher \
-	    stage.epochs=$(CS_T_EPOCHS_$(K)) optimizer.lr=0.03
-	$(CLI) distill experiment=cifar_split $(RUNARGS) model=$(CS_STUDENT) \
-	    stage.epochs=$(CS_S_EPOCHS_$(K))
-	$(CLI) distill experiment=cifar_split $(RUNARGS) model=$(CS_STUDENT) tag=distill_target \
-	    stage.transfer_set=target stage.unlabeled_ratio=1 stage.epochs=$(CS_S_EPOCHS_$(K))
-	$(CLI) pretrain experiment=cifar_split $(RUNARGS) $(DATA_K) model=$(CS_STUDENT) \
-	    tag=scratch_student stage.epochs=$(CS_S_EPOCHS_$(K))
+# One shots value and seed per run folder, cifar_split_k<K>_seed<S>; each stage is a target of
+# its own (its metrics.json, written when the stage finishes), so an interrupted grid resumes at
+# the stage it was in. The stem of every rule below is k<K>_seed<S>.
+cs_k = $(patsubst k%,%,$(word 1,$(subst _, ,$(1))))
+cs_s = $(patsubst seed%,%,$(word 2,$(subst _, ,$(1))))
+cs_args = run=cifar_split_$(1) seed=$(call cs_s,$(1)) overwrite=true $(CS_EXTRA)
+cs_data = $(CS_TARGET) dataset.shots=$(call cs_k,$(1)) dataset.subset_seed=$(call cs_s,$(1))
+CS := outputs/cifar_split_%
+# The function-matching rows (experiment=function_matching, issue 20): with the unlabelled
+# target images, and with none of them (the labelled subset plus the source's images); the
+# scratch student with the same steps and learning rate as the first of them.
+FM := experiment=function_matching model=$(CS_STUDENT)
+CS_STAGES := finetune scratch_teacher distill distill_target scratch_student fm_target \
+	fm_source scratch_student_long
+
+$(CS)/finetune/metrics.json: $(CS_TEACHER_CKPT)
+	$(CLI) finetune $(call cs_args,$*) $(call cs_data,$*) stage.from=outputs/cifar_split/pretrain \
+	    stage.epochs=$(CS_T_EPOCHS_$(call cs_k,$*)) optimizer.lr=0.03
+
+$(CS)/scratch_teacher/metrics.json: $(CS_TEACHER_CKPT)
+	$(CLI) pretrain $(call cs_args,$*) $(call cs_data,$*) model=$(CS_TEACHER) tag=scratch_teacher \
+	    stage.epochs=$(CS_T_EPOCHS_$(call cs_k,$*)) optimizer.lr=0.03
+
+$(CS)/distill/metrics.json: $(CS)/finetune/metrics.json
+	$(CLI) distill experiment=cifar_split $(call cs_args,$*) model=$(CS_STUDENT) \
+	    stage.epochs=$(CS_S_EPOCHS_$(call cs_k,$*))
+
+$(CS)/distill_target/metrics.json: $(CS)/finetune/metrics.json
+	$(CLI) distill experiment=cifar_split $(call cs_args,$*) model=$(CS_STUDENT) tag=distill_target \
+	    stage.transfer_set=target stage.unlabeled_ratio=1 stage.epochs=$(CS_S_EPOCHS_$(call cs_k,$*))
+
+$(CS)/scratch_student/metrics.json: $(CS_TEACHER_CKPT)
+	$(CLI) pretrain experiment=cifar_split $(call cs_args,$*) $(call cs_data,$*) \
+	    model=$(CS_STUDENT) tag=scratch_student stage.epochs=$(CS_S_EPOCHS_$(call cs_k,$*))
+
+$(CS)/fm_target/metrics.json: $(CS)/finetune/metrics.json
+	$(CLI) distill $(FM) $(call cs_args,$*) tag=fm_target
+
+$(CS)/fm_source/metrics.json: $(CS)/finetune/metrics.json
+	$(CLI) distill $(FM) $(call cs_args,$*) tag=fm_source stage.transfer_set=source
+
+# As many optimizer steps as fm_target took (an epoch of the labelled subset is
+# max(1, n_train // 32) steps), at the same learning rate, on the labelled images alone.
+$(CS)/scratch_student_long/metrics.json: $(CS)/fm_target/metrics.json
+	$(CLI) pretrain experiment=cifar_split $(call cs_args,$*) $(call cs_data,$*) \
+	    model=$(CS_STUDENT) tag=scratch_student_long stage.epochs=$$($(BIN)/python -c \
+	    "import json; m = json.load(open('$<')); print(max(1, round(m['steps'] / max(1, m['n_train'] // 32))))")
+
+$(CS)/eval/metrics.json: $(foreach t,$(CS_STAGES),$(CS)/$(t)/metrics.json)
 	$(CLI) eval run=cifar_split_$* stage.plots=false $(CS_EXTRA)
+
+# The stages' metrics.json are targets of their own, never intermediate files to delete.
+.SECONDARY:
 
 outputs/cifar_split/report.md: $(foreach r,$(CS_RUNS),outputs/$(r)/eval/metrics.json)
 	$(CLI) report run=cifar_split stage.runs=[cifar_split_k*] \

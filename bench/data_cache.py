@@ -27,11 +27,13 @@ from throughput import write_images
 
 from distill_cli.data import load_split
 from distill_cli.data.cache import cache_paths
+from distill_cli.data.subsets import Storage
 
 
 def _timed(name: str, root: str, cache: bool, fallback: str) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    split = load_split(name, root, True, download=False, cache=cache, cache_fallback=fallback)
+    storage = Storage(cache=cache, cache_fallback=fallback)
+    split = load_split(name, root, True, download=False, storage=storage)
     return time.perf_counter() - start, split.x
 
 

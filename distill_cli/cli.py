@@ -9,6 +9,7 @@
 
 Before Hydra runs a stage, every configuration the command line names (each job of a sweep
 too) is composed and checked, so a bad value fails in one line, before torch is imported.
+``--help`` composes the configuration once and fills Hydra's help template itself.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import string
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -291,12 +293,8 @@ def _task(cfg: DictConfig) -> float | None:
     sweeper gets NaN, the other jobs run, and the command exits 1 at the end. Under torchrun
     every process runs the stage in one process group; process 0 prints.
     """
-    from distill_cli.console import print_error
-
     if _launched() and cfg.stage.name not in _PARALLEL_STAGES:
-        if _first_process():
-            print_error(f"{cfg.stage.name} runs in a single process: run it without torchrun")
-        sys.exit(EXIT_USAGE)
+        _exit_usage(f"{cfg.stage.name} runs in a single process: run it without torchrun")
     if cfg.stage.name == "report":  # reads JSON and YAML only: this path never imports torch
         from distill_cli.evaluation.report import ReportError, report_run
 
@@ -306,6 +304,7 @@ def _task(cfg: DictConfig) -> float | None:
             return _user_error(exc)
     _stop_with_the_sweep()
     from distill_cli import distributed, runtime
+    from distill_cli.console import print_error
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted
@@ -360,8 +359,6 @@ def _report_failures(path: str) -> None:
 
 def main() -> None:
     """Console entry point: ``distill-cli <stage> [overrides] [Hydra flags]``."""
-    from distill_cli.console import print_error
-
     args = sys.argv[1:]
     if "--debug" in args:
         args = [a for a in args if a != "--debug"]
@@ -373,23 +370,20 @@ def main() -> None:
     if args[0] in STAGES:
         args = [f"stage={args[0]}", *args[1:]]
     elif not (args[0].startswith("-") or "=" in args[0]):
-        print_error(f"unknown command '{args[0]}'; valid: {', '.join(STAGES)}")
-        sys.exit(EXIT_USAGE)
+        _exit_usage(f"unknown command '{args[0]}'; valid: {', '.join(STAGES)}")
     flags, overrides = _split(args)
+    if _print_help(flags, overrides):
+        return
     if not _PRINT_FLAGS.intersection(flags):
         try:
             preflight(overrides)
         except ConfigError as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            if _first_process():  # under torchrun every process finds the same error
-                print_error(str(exc))
-            sys.exit(EXIT_USAGE)
+            _exit_usage(str(exc))  # under torchrun every process finds the same error
     if "-m" in flags or "--multirun" in flags:
         if _launched():
-            if _first_process():
-                print_error("sweeps (-m) do not run under torchrun: start one torchrun per job")
-            sys.exit(EXIT_USAGE)
+            _exit_usage("sweeps (-m) do not run under torchrun: start one torchrun per job")
         os.environ[_SWEEP_ENV] = ";".join(_sweep_keys(overrides))
         os.environ[_OWNER_ENV] = str(os.getpid())
         stage = next((o[6:] for o in overrides if o.startswith("stage=")), "pretrain")
@@ -398,12 +392,78 @@ def main() -> None:
     sys.argv = [sys.argv[0], *flags, *overrides]  # argparse wants the overrides together
     multirun = "-m" in flags or "--multirun" in flags
     if multirun:
+        import tempfile
+
         fd, failed = tempfile.mkstemp(prefix="distill-cli-failed-", suffix=".txt")
         os.close(fd)
         os.environ[_FAILED_ENV] = failed
     hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)()
     if multirun:
         _report_failures(failed)
+
+
+def _exit_usage(message: str) -> NoReturn:
+    """Print one error line (from process 0 alone under torchrun) and exit 2."""
+    from distill_cli.console import print_error
+
+    if _first_process():
+        print_error(message)
+    sys.exit(EXIT_USAGE)
+
+
+def _print_help(flags: list[str], overrides: list[str]) -> bool:
+    """``--help``: print conf/hydra/help's template as Hydra would, composing the config once.
+
+    Hydra lists the groups by copying its config repository about a hundred times: most of the
+    0.7 s its ``--help`` took. Where more than conf/ could change the text (other flags, another
+    search path or ConfigStore group, Hydra's other template fields), this returns False and
+    Hydra prints the help; tests/test_cli.py holds the two texts equal.
+    """
+    if not {"--help", "-h"} & set(flags) or not set(flags) <= {"--help", "-h", "--resolve"}:
+        return False
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import flag_override
+
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            search_path = GlobalHydra.instance().config_loader().get_search_path()
+            paths = {p.path for p in search_path.get_path()}
+    except Exception as exc:  # a bad override: one line, as for any other command
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return False
+        _exit_usage(_one_line(exc))
+    finally:
+        GlobalHydra.instance().clear()
+    known = {"pkg://hydra.conf", "structured://", conf_dir(), f"file://{conf_dir()}"}
+    stored = [k for k in ConfigStore.instance().list("") if k != "hydra" and "." not in k]
+    if cfg.hydra.searchpath or stored or paths - known:
+        return False
+    template = cfg.hydra.help.template
+    with flag_override(cfg, ["struct", "readonly"], [False, False]):
+        del cfg["hydra"]
+    try:
+        text = string.Template(template).substitute(
+            APP_CONFIG_GROUPS=_config_groups(),
+            CONFIG=OmegaConf.to_yaml(cfg, resolve="--resolve" in flags),
+        )
+    except (KeyError, ValueError):  # $FLAGS_HELP, $HYDRA_CONFIG_GROUPS: Hydra's to fill
+        return False
+    print(text)
+    return True
+
+
+def _config_groups() -> str:
+    """Hydra's ``$APP_CONFIG_GROUPS`` for conf/: each folder of YAML files outside hydra/."""
+    root = Path(conf_dir())
+    groups: dict[str, list[str]] = {}
+    for path in root.rglob("*.yaml"):
+        group = path.parent.relative_to(root).as_posix()
+        if group != "." and group.split("/")[0] != "hydra" and path.is_file():
+            groups.setdefault(group, []).append(path.stem)
+    return "".join(f"{g}: {', '.join(sorted(o))}\n" for g, o in sorted(groups.items()))
 
 
 if __name__ == "__main__":

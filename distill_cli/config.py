@@ -6,6 +6,7 @@ imports neither torch nor Hydra's app machinery, so configuration errors come ba
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -28,12 +29,12 @@ DATASETS = (
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-KD_METHODS = ("kd", "logit_mse", "dkd", "dist", "ttm", "wttm", "ctkd", "fitnet", "at", "sp",
-              "rkd", "pkt", "crd")  # fmt: skip
-LOGIT_METHODS = ("kd", "logit_mse", "dkd", "dist", "ttm", "wttm", "ctkd")
-STANDARDIZED = ("kd", "logit_mse", "dkd", "dist", "ctkd")  # those with kd.logit_standardize
+# KD_METHODS, LOGIT_METHODS and STANDARDIZED come from conf/kd/ (see kd_methods): a new method
+# is its YAML, its function and its test, with no list here to update.
 CRD_NEGATIVES = ("other_class", "uniform")
 TRANSFER_SETS = ("labeled", "target", "source", "source+target")
+MIXES = ("none", "mixup", "cutmix")  # stage.mix: "none" and kd.mixing.MIXERS
+SELECTS = ("val", "fidelity")  # stage.select: selection.SELECT
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
 TEACHER_PREPS = ("none", "fold", "compile", "auto")  # kd.teacher_prep.PREPS
@@ -66,6 +67,62 @@ def _is_num(v: Any) -> bool:
 
 def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+@functools.cache
+def kd_defaults() -> dict[str, dict]:
+    """Each kd method's YAML defaults by name: the files of ``conf/kd/`` are the methods.
+
+    A method with a ``feat_weight`` is a feature method; one with ``logit_standardize`` takes
+    logit standardization.
+    """
+    folder = Path(conf_dir()) / "kd"
+    files = sorted(folder.glob("*.yaml"))
+    return {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in files}
+
+
+def kd_methods(kind: str = "all") -> tuple[str, ...]:
+    """Method names: ``all``, ``logit`` (no feature term) or ``standardized``."""
+    keep = {"all": lambda d: True, "logit": lambda d: "feat_weight" not in d,
+            "standardized": lambda d: "logit_standardize" in d}[kind]  # fmt: skip
+    return tuple(name for name, d in kd_defaults().items() if keep(d))
+
+
+_KD_LISTS = {"KD_METHODS": "all", "LOGIT_METHODS": "logit", "STANDARDIZED": "standardized"}
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``KD_METHODS``, ``LOGIT_METHODS``, ``STANDARDIZED``: read from conf/kd/ when first asked."""
+    if name in _KD_LISTS:
+        return kd_methods(_KD_LISTS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _KdChoices:
+    """The ``kd.name`` rule's text, listing conf/kd/ only when an error is worded."""
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(kd_methods())
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _kd_option(key: str, value: Any, method: str | None) -> str | None:
+    """An error for a ``kd.*`` key without a rule of its own, or None when it fits.
+
+    Such a key must be an option of the method's YAML, with a value of its default's kind.
+    """
+    defaults = kd_defaults().get(method or "", {})
+    option = key.split(".", 1)[1]
+    if option not in defaults:
+        return f"unknown key '{key}'; kd={method} has the options {', '.join(defaults)}"
+    default = defaults[option]
+    if default is None or value is None or type(value) is type(default):
+        return None
+    if _is_num(default) and _is_num(value):
+        return None
+    return f"{key}={value!r} is invalid: expected a {type(default).__name__} like the default"
 
 
 def _int(lo: int) -> tuple[Callable[[Any], bool], str]:
@@ -198,7 +255,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "device.compile": _BOOL,
     "device.deterministic": _BOOL,
     "device.threads": _optional(_int(1)),
-    "kd.name": _one_of(KD_METHODS),
+    "kd.name": ((lambda v: v in kd_methods()), _KdChoices()),
     "kd.temperature": _POSITIVE,
     "kd.ce_weight": _NONNEG,
     "kd.kd_weight": _NONNEG,
@@ -231,6 +288,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.teacher_prep": _optional(_one_of(TEACHER_PREPS)),
     "stage.teacher_precision": _optional(_one_of(TEACHER_PRECISIONS)),
     "stage.teacher_compile_after_s": _NONNEG,
+    "stage.transfer_epochs": _optional(_int(1)),
+    "stage.mix": _one_of(MIXES),
+    "stage.mix_alpha": _POSITIVE,
+    "stage.select": _one_of(SELECTS),
+    "stage.fidelity_images": _optional(_int(0)),
     "logger.name": _one_of(LOGGERS),
     "logger.dir": _RUN,
     "logger.tracking_uri": _STR,
@@ -262,22 +324,28 @@ def _leaves(node: Any, prefix: str = "", inherited: str = "") -> Iterator[tuple[
 
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot work."""
+    kd = cfg.get("kd") or {}
     for key, value in _leaves(cfg, inherited="dataset." if inherits_dataset(cfg) else ""):
+        if key not in RULES and key.startswith("kd."):
+            error = _kd_option(key, value, kd.get("name"))
+            if error:
+                raise ConfigError(error)
+            continue
         if key not in RULES:
             raise ConfigError(f"unknown key '{key}'; see `distill-cli --help` for the valid keys")
         ok, expected = RULES[key]
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
-    kd = cfg.get("kd") or {}
-    if kd.get("name") in LOGIT_METHODS and kd.get("feat_weight"):
+    logit, standardized = kd_methods("logit"), kd_methods("standardized")
+    if kd.get("name") in logit and kd.get("feat_weight"):
         raise ConfigError(
             f"kd.feat_weight={kd.feat_weight} needs a feature method; kd={kd.name} has no feature "
-            f"term (feature methods: {', '.join(m for m in KD_METHODS if m not in LOGIT_METHODS)})"
+            f"term (feature methods: {', '.join(m for m in kd_methods() if m not in logit)})"
         )
-    if kd.get("logit_standardize") and kd.get("name") not in STANDARDIZED:
+    if kd.get("logit_standardize") and kd.get("name") not in standardized:
         raise ConfigError(
             f"kd.logit_standardize=true does not apply to kd={kd.name}; methods it applies to: "
-            f"{', '.join(STANDARDIZED)}"
+            f"{', '.join(standardized)}"
         )
     logger = cfg.get("logger", {}).get("name")
     if logger in _LOGGER_PACKAGES and importlib.util.find_spec(_LOGGER_PACKAGES[logger]) is None:

@@ -1,6 +1,7 @@
 """What a person sees: progress bars, per-stage summaries, the eval table and one-line errors.
 
-Everything printed by distill-cli goes through this module; the rest of the code logs.
+Everything printed by distill-cli goes through this module; the rest of the code logs. Only
+``rich.console`` loads with it: ``--help`` and a one-line error need no tables or progress bars.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 err = Console(stderr=True)
 out = Console()
@@ -23,6 +21,8 @@ for _c in (err, out):
 
 def log_handler() -> logging.Handler:
     """A rich console handler for the package logger."""
+    from rich.logging import RichHandler
+
     return RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
 
 
@@ -39,6 +39,14 @@ class StageProgress:
     """
 
     def __init__(self, total_steps: int, description: str, show: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -74,6 +82,8 @@ def _fmt(value: Any) -> str:
 
 def print_summary(title: str, rows: Mapping[str, Any]) -> None:
     """A two-column table closing a stage."""
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -89,6 +99,8 @@ def print_table(
 
     The first column never wraps or truncates; numbers are right-aligned.
     """
+    from rich.table import Table
+
     rows = list(rows)
     table = Table(title=title, title_justify="left")
     for i, (key, header, _) in enumerate(columns):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from distill_cli import checkpoint as ck
 from distill_cli import console, rundir, runtime
 from distill_cli.config import inherit_dataset
-from distill_cli.data import BatchLoader, DataError, ImageFiles, StreamLoader, convert
+from distill_cli.data import BatchLoader, DataError, ImageFiles, Normalise, StreamLoader, convert
 from distill_cli.evaluation import metrics, plots
 from distill_cli.evaluation.aggregate import choose_baselines, collect_jobs, group, weak_teachers
 from distill_cli.stagefolder import Stage, StageError, running
@@ -146,8 +146,8 @@ def _test_loader(st: Stage, ckpt: dict, d: dict, cache: dict) -> tuple[BatchLoad
         split = st.load_dataset(d, train=False)
         x = convert(split.x, m["image_size"], m["in_channels"])
         make_loader = StreamLoader if isinstance(x, ImageFiles) else BatchLoader
-        loader = make_loader(x, split.y, st.cfg.stage.eval_batch_size, mean=ckpt["mean"],
-                             std=ckpt["std"], device=st.device)  # fmt: skip
+        norm = Normalise(ckpt["mean"], ckpt["std"])
+        loader = make_loader(x, split.y, st.cfg.stage.eval_batch_size, norm, device=st.device)
         cache[key] = (loader, split.class_names)
     return cache[key]
 

@@ -116,12 +116,12 @@ def open_stage(cfg: DictConfig, job_subdir: str | None) -> Stage:
 
 def _open(cfg: DictConfig, job_subdir: str | None) -> Stage:
     name = cfg.stage.name
-    run, inferred = ck.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
+    run, inferred = rundir.resolve_run(cfg.out_dir, cfg.run, new=name == "pretrain")
     run_dir = Path(cfg.out_dir) / run
     folder = run_dir / (cfg.tag or name) / (job_subdir or "")
     data_origin, parent = _resolve_dataset(cfg, run_dir)  # before the claim: resume compares
     resume, replaced = _claim(cfg, folder, run_dir)
-    ck.mark_latest(cfg.out_dir, run)
+    rundir.mark_latest(cfg.out_dir, run)
     runtime.setup_logging(folder / "stage.log", console.log_handler())
     if inferred:
         how = "new run" if name == "pretrain" else "continuing the most recent run"
@@ -168,7 +168,7 @@ def _resolve_dataset(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, d
     if not inherits_dataset(cfg):
         line = f"dataset: {_describe(cfg.dataset)}, as configured (dataset={cfg.dataset.name})"
         return line, None
-    path = ck.stage_input(run_dir, name, cfg.stage["from"])
+    path = rundir.stage_input(run_dir, name, cfg.stage["from"])
     parent = ck.load_checkpoint(path)
     dataset, own = inherit_dataset(cfg.dataset, parent["dataset"])
     cfg.dataset = dataset
@@ -230,16 +230,16 @@ def _claim(cfg: DictConfig, folder: Path, run_dir: Path) -> tuple[dict | None, P
     resume = moved = None
     if folder.exists():
         rundir.check_unlocked(folder)
-    used = folder.exists() and (ck.has_results(folder) or rundir.manifest_path(folder).exists())
+    used = folder.exists() and (rundir.has_results(folder) or rundir.manifest_path(folder).exists())
     wants_resume = bool(cfg.stage.get("resume", False))
     if used and not wants_resume and _unfinished(folder) and _ask_resume(folder):
         wants_resume = True
     if wants_resume:
         resume = _resume_point(cfg, folder)
-    elif used and (cfg.overwrite or cfg.stage.name == "eval" or not ck.has_results(folder)):
+    elif used and (cfg.overwrite or cfg.stage.name == "eval" or not rundir.has_results(folder)):
         # eval results are derived; an attempt that failed before any checkpoint holds only its
         # log and manifest, kept in .replaced/ for reading
-        moved = ck.move_aside(folder, run_dir)
+        moved = rundir.move_aside(folder, run_dir)
     elif used:
         hint = "pass tag=NEW_TAG to write elsewhere, or overwrite=true to move it into .replaced/"
         if _unfinished(folder):

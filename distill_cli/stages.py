@@ -13,9 +13,11 @@ stage.log, indices.json and manifest.json.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from distill_cli import checkpoint as ck
 from distill_cli import distributed, rundir, runtime
 from distill_cli.data import (
+    Augment,
     BatchLoader,
     ImageFiles,
+    Normalise,
+    Order,
     StreamLoader,
     TransferLoader,
     channel_stats,
@@ -37,8 +42,13 @@ from distill_cli.eval_stage import evaluate_run, export_run
 from distill_cli.kd import distillation
 from distill_cli.kd.teacher_cache import TeacherCache
 from distill_cli.models import build_model, count_params
+from distill_cli.selection import Fidelity, Validation
 from distill_cli.stagefolder import Stage, StageError, finish, running
 from distill_cli.training import (
+    Checkpointing,
+    Reporting,
+    Schedule,
+    Step,
     build_optimizer,
     build_scheduler,
     fit,
@@ -58,6 +68,17 @@ class Data:
     shape: tuple[int, int, int]  # channels, height, width
     info: dict  # dataset config, class names and normalisation, saved in checkpoints
     streamed: bool = False  # an image folder left on disk, decoded per batch
+    fidelity: BatchLoader | None = None  # held-out unlabelled images (stage.fidelity_images)
+
+
+@dataclass
+class Phase:
+    """One call of :func:`training.fit` within a stage (a linear probe, then the rest)."""
+
+    epochs: int
+    first_epoch: int = 1
+    frozen_backbone: bool = False
+    best: dict | None = None  # the best epoch and accuracy of the phase before
 
 
 def run_stage(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
@@ -70,7 +91,7 @@ def pretrain(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
     with running(cfg, job_subdir) as st:
         data = _load_data(st)
         model = _build(cfg, data).to(st.device)
-        summary = _train(st, model, data, _cross_entropy(cfg), cfg.stage.epochs)
+        summary = _train(st, model, data, _cross_entropy(cfg), Phase(cfg.stage.epochs))
         return _finish(st, model, summary)
 
 
@@ -86,10 +107,10 @@ def finetune(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         model.to(st.device)
         loss, s = _cross_entropy(cfg), cfg.stage
         probe = {"linear": s.epochs, "linear_then_full": s.probe_epochs}.get(s.mode, 0)
-        summary = _train(st, model, data, loss, probe, frozen_backbone=True) if probe else {}
+        summary = _train(st, model, data, loss, Phase(probe, frozen_backbone=True)) if probe else {}
         if s.epochs > probe:
-            full = _train(st, model, data, loss, s.epochs - probe, first_epoch=probe + 1,
-                          best=summary or None)  # fmt: skip
+            phase = Phase(s.epochs - probe, first_epoch=probe + 1, best=summary or None)
+            full = _train(st, model, data, loss, phase)
             summary = _merge(summary, full)
         return _finish(st, model, summary)
 
@@ -123,9 +144,11 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         cache_at = cache_location(st, data.info, teacher_stats) if use_cache else None
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
-        summary = _train(st, student, data, goal.loss_fn, cfg.stage.epochs, extra=goal.adapters)
+        val = _validation(st, data, goal.teacher)
+        summary = _train(st, student, data, goal.loss_fn, Phase(_epochs(cfg)), extra=goal.adapters,
+                         val=val)  # fmt: skip
         summary.update(teacher_params=n_params, teacher_normalisation=normalisation,
-                       **goal.summary())  # fmt: skip
+                       **_budget_spent(cfg, data), **goal.summary())  # fmt: skip
         st.manifest["teacher_prep"] = goal.teacher.info  # as prepared, checked, maybe fallen back
         if goal.cache is not None:
             summary["teacher_cache_hit_rate"] = save_cache(st, goal.cache)
@@ -143,7 +166,7 @@ STAGES: dict[str, Callable[[DictConfig, str | None], float | None]] = {
 
 def _load_data(st: Stage) -> Data:
     """Load the training split, carve validation and few-shot subsets, put both on the device."""
-    d, s = st.cfg.dataset, st.cfg.stage
+    d = st.cfg.dataset
     with distributed.main_first():  # under torchrun one process downloads
         split = st.load_dataset(d, train=True)
     x = convert(split.x, d.image_size, d.channels)
@@ -154,88 +177,160 @@ def _load_data(st: Stage) -> Data:
     )  # fmt: skip
     mean, std = channel_stats(x)  # of the whole training split: the same for every subset
     indices = {"train": train_idx.tolist(), "val": val_idx.tolist()}
-    unlabeled, transfer = None, {}
-    if s.get("transfer_set", "labeled") != "labeled":  # distill: unlabelled images join in
-        if isinstance(x, ImageFiles):
-            raise StageError(f"stage.transfer_set={s.transfer_set} needs the images in memory, "
-                             "but this image folder streams; set dataset.stream=false")  # fmt: skip
-        with distributed.main_first():
-            unlabeled, transfer = _unlabeled(st, x, indices)
-    budget = _budget(len(train_idx), len(val_idx), num_classes)
-    st.manifest["data"] = {
-        "dataset": d.name, "num_classes": num_classes, "n_train": len(train_idx),
-        "n_val": len(val_idx), **budget, **transfer, "indices_file": "indices.json",
-        "indices_sha256": st.write_json("indices.json", indices),
-    }  # fmt: skip
-    st.write_manifest()
-    log.info("%s: %d training and %d validation images, %d classes, shape %s",
-             d.name, len(train_idx), len(val_idx), num_classes, tuple(x.shape[1:]))  # fmt: skip
-    log.info("labelled budget: %s per class for training, %s for validation; checkpoint "
-             "selection: %s", budget["train_per_class"], budget["val_per_class"],
-             _SELECTION_TEXT[budget["selection"]])  # fmt: skip
-    if d.shots is not None and len(val_idx) > len(train_idx):
-        log.warning("the validation split holds %d labelled images, more than the %d trained on "
-                    "(dataset.val_per_class=%s); the few-shot default holds out as many as the "
-                    "shots", len(val_idx), len(train_idx), d.val_per_class)  # fmt: skip
-    loader = dict(mean=mean, std=std, device=st.device, channels_last=_channels_last(st))
-    augment = dict(shuffle=True, crop_padding=d.crop_padding, flip=d.flip, seed=st.cfg.seed)
-    streamed = isinstance(x, ImageFiles)  # an image folder too large for memory: files per batch
-    # Per-image augmentation views, seeded by the data rather than the student's seed, let a
-    # teacher cache serve every job of a sweep (distill only).
-    views = dict(aug_seed=d.subset_seed, aug_views=s.get("aug_views"))
-    per_image = (s.get("teacher_cache") or s.get("aug_views")) and not streamed
-    train = (StreamLoader if streamed else BatchLoader)(
-        x[train_idx], split.y[train_idx], s.batch_size, drop_last=len(train_idx) > s.batch_size,
-        **augment, **loader, **(views if per_image else {}),
-    )  # fmt: skip
-    if unlabeled is not None:
-        size = s.batch_size * s.unlabeled_ratio
-        extra = BatchLoader(unlabeled, torch.full((len(unlabeled),), distillation.UNLABELLED), size,
-                            drop_last=len(unlabeled) > size, **augment, **loader,
-                            **views)  # fmt: skip
-        train = TransferLoader(train, extra)
-    val = (
-        (StreamLoader if streamed else BatchLoader)(
-            x[val_idx], split.y[val_idx], s.eval_batch_size, **loader
-        )
-        if len(val_idx)
-        else None
-    )
+    pools = _transfer_pools(st, x, indices)
+    budget = _record_data(st, x, indices, num_classes, pools.record)
+    make = _Loaders(st, Normalise(mean, std, _channels_last(st)), isinstance(x, ImageFiles))
+    train = make.train(x[train_idx], split.y[train_idx], pools.images)
+    val = make.eval(x[val_idx], split.y[val_idx]) if len(val_idx) else None
+    fidelity = make.eval(pools.held_out, None) if pools.held_out is not None else None
     info = {"dataset": OmegaConf.to_container(d), "class_names": split.class_names,
             "mean": mean, "std": std, "budget": budget}  # fmt: skip
     # Under torchrun each process trains and validates on its rows of every batch.
     train, val = distributed.shard(train), distributed.shard(val, training=False)
-    return Data(train, val, num_classes, tuple(x.shape[1:]), info, streamed)
+    fidelity = distributed.shard(fidelity, training=False)
+    return Data(train, val, num_classes, tuple(x.shape[1:]), info, make.streamed, fidelity)
+
+
+class _Loaders:
+    """The stage's loaders: one normalisation, device and seeds; the training set augmented."""
+
+    def __init__(self, st: Stage, norm: Normalise, streamed: bool) -> None:
+        d, s = st.cfg.dataset, st.cfg.stage
+        self.stage, self.norm, self.device, self.streamed = s, norm, st.device, streamed
+        self.augment = Augment(d.crop_padding, d.flip)
+        self.order = Order(shuffle=True, seed=st.cfg.seed)
+        # Per-image augmentation views, seeded by the data rather than the student's seed, let a
+        # teacher cache serve every job of a sweep (distill only); a stream that cycles inside
+        # an epoch (stage.transfer_epochs) needs them too.
+        self.views = replace(self.augment, per_image_seed=d.subset_seed, views=s.get("aug_views"))
+        cycles = bool(s.get("transfer_epochs"))
+        self.per_image = bool(s.get("teacher_cache") or s.get("aug_views") or cycles)
+
+    def train(self, x, y, unlabeled: torch.Tensor | None):
+        """Labelled batches, joined by unlabelled ones when the transfer set has them."""
+        s, streamed = self.stage, self.streamed
+        augment = self.views if self.per_image and not streamed else self.augment
+        order = replace(self.order, drop_last=len(x) > s.batch_size)
+        kind = StreamLoader if streamed else BatchLoader
+        labelled = kind(x, y, s.batch_size, self.norm, order=order, augment=augment,
+                        device=self.device)  # fmt: skip
+        if unlabeled is None:
+            return labelled
+        size = s.batch_size * s.unlabeled_ratio
+        no_labels = torch.full((len(unlabeled),), distillation.UNLABELLED)
+        order = replace(self.order, drop_last=len(unlabeled) > size)
+        extra = BatchLoader(unlabeled, no_labels, size, self.norm, order=order,
+                            augment=self.views, device=self.device)  # fmt: skip
+        steps = _transfer_steps(s.get("transfer_epochs"), len(x) + len(unlabeled),
+                                labelled.batch_size + size)  # fmt: skip
+        return TransferLoader(labelled, extra, steps)
+
+    def eval(self, x, y: torch.Tensor | None):
+        """Unaugmented, unshuffled batches (``y`` None: unlabelled images, labels -1)."""
+        if y is None:
+            y = torch.full((len(x),), distillation.UNLABELLED)
+        kind = StreamLoader if self.streamed else BatchLoader
+        return kind(x, y, self.stage.eval_batch_size, self.norm, device=self.device)
+
+
+def _transfer_steps(transfer_epochs: int | None, images: int, per_step: int) -> int | None:
+    """Steps in one pass over the transfer set (``stage.transfer_epochs``); None: unset."""
+    if not transfer_epochs:
+        return None
+    return max(1, math.ceil(images / per_step))
+
+
+def _epochs(cfg: DictConfig) -> int:
+    """The distill stage's epochs: ``stage.transfer_epochs``, else ``stage.epochs``."""
+    return cfg.stage.get("transfer_epochs") or cfg.stage.epochs
+
+
+def _budget_spent(cfg: DictConfig, data: Data) -> dict:
+    """What a distill stage's schedule came to: epochs as counted, steps in all."""
+    return {"transfer_epochs": cfg.stage.get("transfer_epochs"),
+            "steps": len(data.train) * _epochs(cfg)}  # fmt: skip
+
+
+def _record_data(st: Stage, x, indices: dict, num_classes: int, transfer: dict) -> dict:
+    """The data's manifest entry, indices.json and log lines; returns the labelled budget."""
+    d = st.cfg.dataset
+    n_train, n_val = len(indices["train"]), len(indices["val"])
+    select = st.cfg.stage.get("select") or "val"
+    if select == "fidelity" and not any(k.startswith("n_fidelity_") for k in transfer):
+        raise StageError(
+            "stage.select=fidelity needs unlabelled images to hold out; use "
+            "stage.transfer_set=target, source or source+target, or stage.select=val"
+        )
+    budget = _budget(n_train, n_val, num_classes, select)
+    st.manifest["data"] = {
+        "dataset": d.name, "num_classes": num_classes, "n_train": n_train, "n_val": n_val,
+        **budget, **transfer, "indices_file": "indices.json",
+        "indices_sha256": st.write_json("indices.json", indices),
+    }  # fmt: skip
+    st.write_manifest()
+    log.info("%s: %d training and %d validation images, %d classes, shape %s",
+             d.name, n_train, n_val, num_classes, tuple(x.shape[1:]))  # fmt: skip
+    log.info("labelled budget: %s per class for training, %s for validation; checkpoint "
+             "selection: %s", budget["train_per_class"], budget["val_per_class"],
+             _selection_text(st.cfg, budget))  # fmt: skip
+    if d.shots is not None and n_val > n_train:
+        log.warning("the validation split holds %d labelled images, more than the %d trained on "
+                    "(dataset.val_per_class=%s); the few-shot default holds out as many as the "
+                    "shots", n_val, n_train, d.val_per_class)  # fmt: skip
+    return budget
 
 
 # How fit picks the checkpoint kept as best.pt, by what validation holds.
 _SELECTION_TEXT = {"best_val": "the epoch with the best validation accuracy",
+                   "fidelity": "the epoch with the best agreement with the teacher on held-out "
+                               "unlabelled images (labels unused)",
                    "last": "the last epoch (nothing held out)"}  # fmt: skip
 
 
-def _budget(n_train: int, n_val: int, num_classes: int) -> dict:
+def _selection_text(cfg: DictConfig, budget: dict) -> str:
+    return _SELECTION_TEXT[budget["selection"]]
+
+
+def _budget(n_train: int, n_val: int, num_classes: int, select: str = "val") -> dict:
     """The labelled images a stage trained and selected with, per class, and how it selected."""
+    selection = "fidelity" if select == "fidelity" else "best_val" if n_val else "last"
     return {
         "train_per_class": labels_per_class(n_train, num_classes),
         "val_per_class": labels_per_class(n_val, num_classes),
-        "selection": "best_val" if n_val else "last",
+        "selection": selection,
     }
 
 
-def _unlabeled(st: Stage, x: torch.Tensor, indices: dict) -> tuple[torch.Tensor | None, dict]:
-    """The transfer set's unlabelled images, recorded in ``indices`` and the manifest's data."""
+class _Pools(NamedTuple):
+    """The transfer set's unlabelled images, and those held out to measure fidelity."""
+
+    images: torch.Tensor | None = None
+    held_out: torch.Tensor | None = None
+    record: dict = {}  # what the manifest's data entry says about them
+
+
+def _transfer_pools(st: Stage, x, indices: dict) -> _Pools:
+    """The unlabelled images ``stage.transfer_set`` adds, recorded in ``indices``."""
+    s = st.cfg.stage
+    if s.get("transfer_set", "labeled") == "labeled":
+        return _Pools()
+    if isinstance(x, ImageFiles):
+        raise StageError(f"stage.transfer_set={s.transfer_set} needs the images in memory, "
+                         "but this image folder streams; set dataset.stream=false")  # fmt: skip
     seen = torch.tensor(indices["train"] + indices["val"], dtype=torch.int64)
-    images, used, source = distillation.unlabeled_images(
-        st.cfg, x, seen, st.manifest["parent"]["path"]
-    )
-    indices.update({f"unlabeled_{k}": v for k, v in used.items()})
-    transfer = {"transfer_set": st.cfg.stage.transfer_set, "source_dataset": source,
-                "unlabeled_ratio": st.cfg.stage.unlabeled_ratio,
-                **{f"n_unlabeled_{k}": len(v) for k, v in used.items()}}  # fmt: skip
-    if not len(images):
+    with distributed.main_first():
+        pools = distillation.unlabeled_images(st.cfg, x, seen, st.manifest["parent"]["path"])
+    indices.update({f"unlabeled_{k}": v for k, v in pools.used.items()})
+    indices.update({f"fidelity_{k}": v for k, v in pools.held_used.items()})
+    record = {"transfer_set": s.transfer_set, "source_dataset": pools.source,
+              "unlabeled_ratio": s.unlabeled_ratio,
+              **{f"n_unlabeled_{k}": len(v) for k, v in pools.used.items()},
+              **{f"n_fidelity_{k}": len(v) for k, v in pools.held_used.items()}}  # fmt: skip
+    held = pools.held_out if len(pools.held_out) else None
+    if not len(pools.images):
         log.warning("the transfer set adds no unlabelled images: training on the labelled subset")
-        return None, transfer
-    return images, transfer
+        return _Pools(None, held, record)
+    return _Pools(pools.images, held, record)
 
 
 def _channels_last(st: Stage) -> bool:
@@ -293,31 +388,61 @@ def _cross_entropy(cfg: DictConfig) -> Callable:
     return loss_fn
 
 
-def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbone: bool = False,
-           first_epoch: int = 1, best: dict | None = None,
-           extra: torch.nn.Module | None = None) -> dict:  # fmt: skip
-    """Build optimizer and schedule from the config and run :func:`training.fit`.
+def _train(st: Stage, model, data: Data, loss_fn, phase: Phase, *,
+           extra: torch.nn.Module | None = None, val=None) -> dict:  # fmt: skip
+    """Build the optimizer and schedule from the config and run :func:`training.fit`.
 
     When the stage resumes, the phase that holds the resume point continues from it; a phase
     that had finished before the stop is skipped. ``extra`` (distillation adapters) trains with
     the model; its state is kept in ``last.pt``'s training state only, never in the model.
+    ``val`` replaces ``data.val`` (a :class:`selection.Validation` that measures fidelity too).
     """
-    o, s = st.cfg.optimizer, st.cfg.stage
+    s = st.cfg.stage
+    resume, done = _resume_point(st, model, extra, phase)
+    if done is not None:
+        return done
+    optimizer = _optimizer(st.cfg.optimizer, model, extra, phase.frozen_backbone, s)
+    o, steps = st.cfg.optimizer, len(data.train) * phase.epochs
+    scheduler = build_scheduler(optimizer, steps, o.schedule, len(data.train) * o.warmup_epochs,
+                                list(o.milestones), o.gamma)  # fmt: skip
+    total = s.epochs if s.name == "finetune" else phase.first_epoch + phase.epochs - 1
+    if phase.frozen_backbone:
+        log.info("linear probe: backbone frozen for %d epochs", phase.epochs)
+    step = Step(_runner(st, model, extra), loss_fn, optimizer, scheduler, st.amp(),
+                _scaler(st), o.get("clip_grad_norm"), phase.frozen_backbone)  # fmt: skip
+    schedule = Schedule(phase.epochs, phase.first_epoch, total, s.val_every)
+    saving = Checkpointing(_saver(st, model, data, extra), s.save_every_s, resume, phase.best)
+    report = Reporting(st.folder / "metrics.jsonl", st.tracker.log_epoch)
+    return fit(step, data.train, data.val if val is None else val, schedule, saving, report)
+
+
+def _resume_point(st: Stage, model, extra, phase: Phase) -> tuple[dict | None, dict | None]:
+    """(the training state to continue from, or None; the summary of a finished phase, or None).
+
+    Loads the resumed weights into ``model`` and ``extra``. A stop exactly at the end of the
+    previous phase starts this one afresh, as then (its best carried in ``phase.best``).
+    """
+    if st.resume is None:
+        return None, None
+    state = st.resume["train_state"]
+    done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
+    if done >= phase.first_epoch + phase.epochs - 1:  # this phase finished before the stop
+        return None, {k: state[k] for k in ("best_epoch", "best_val_acc", "last_val_acc")}
+    model.load_state_dict(st.resume["state_dict"])
+    if extra is not None and state.get("extra") is not None:
+        extra.load_state_dict(state["extra"])
     resume = None
-    if st.resume is not None:
-        state = st.resume["train_state"]
-        done = state["epoch"] if state["step"] == 0 else state["epoch"] - 1
-        if done >= first_epoch + epochs - 1:  # this phase finished before the stop
-            return {k: state[k] for k in ("best_epoch", "best_val_acc", "last_val_acc")}
-        model.load_state_dict(st.resume["state_dict"])
-        if extra is not None and state.get("extra") is not None:
-            extra.load_state_dict(state["extra"])
-        if done >= first_epoch or state["step"]:
-            resume = state
-        else:  # stopped exactly at the end of the previous phase: a fresh optimizer, as then
-            set_rng(state["rng"])
-            best = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"]}
-        st.resume = None
+    if done >= phase.first_epoch or state["step"]:
+        resume = state
+    else:  # stopped exactly at the end of the previous phase: a fresh optimizer, as then
+        set_rng(state["rng"])
+        phase.best = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"]}
+    st.resume = None
+    return resume, None
+
+
+def _optimizer(o: DictConfig, model, extra, frozen_backbone: bool, s: DictConfig):
+    """The optimizer over the backbone (``stage.backbone_lr_mult``), the head and ``extra``."""
     model.requires_grad_(True)
     if frozen_backbone:
         model.requires_grad_(False)
@@ -328,24 +453,30 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
     groups = [{"params": body, "lr": o.lr * mult}, {"params": head, "lr": o.lr}]
     if extra is not None:
         groups.append({"params": list(extra.parameters()), "lr": o.lr})
-    optimizer = build_optimizer(
+    return build_optimizer(
         groups, o.name, o.lr, o.weight_decay, o.get("momentum", 0.9), o.get("nesterov", False),
         tuple(o.get("betas", (0.9, 0.999))),
     )  # fmt: skip
-    steps = len(data.train) * epochs
-    scheduler = build_scheduler(optimizer, steps, o.schedule, len(data.train) * o.warmup_epochs,
-                                list(o.milestones), o.gamma)  # fmt: skip
-    total = s.epochs if st.cfg.stage.name == "finetune" else epochs
-    d = st.cfg.device
+
+
+def _runner(st: Stage, model, extra) -> torch.nn.Module:
+    """What the step runs: channels-last, DDP under torchrun, compiled with device.compile."""
     if _channels_last(st):
         model.to(memory_format=torch.channels_last)
     runner = distributed.replicate(model, extra)  # DDP under torchrun, else the model itself
-    runner = torch.compile(runner) if d.compile else runner  # checkpoints save the plain module
+    return torch.compile(runner) if st.cfg.device.compile else runner  # checkpoints: the plain one
+
+
+def _scaler(st: Stage) -> torch.amp.GradScaler | None:
+    """The float16 gradient scaler (CUDA mixed precision in float16), else None."""
+    d = st.cfg.device
     amp_on = runtime.amp_enabled(st.device, d.amp)  # device.amp=null: the device's default
     fp16 = st.device.type == "cuda" and amp_on and d.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    if frozen_backbone:
-        log.info("linear probe: backbone frozen for %d epochs", epochs)
+    return torch.amp.GradScaler("cuda") if fp16 else None
+
+
+def _saver(st: Stage, model, data: Data, extra) -> Callable:
+    """The save function for :func:`training.fit`: a checkpoint, its hash in the manifest."""
 
     def save(name: str, epoch: int, val_acc: float | None, train_state: dict | None,
              weights: dict | None) -> None:  # fmt: skip
@@ -366,14 +497,18 @@ def _train(st: Stage, model, data: Data, loss_fn, epochs: int, *, frozen_backbon
             val_acc=val_acc, seed=st.cfg.seed, **data.info, **resumable,
         )  # fmt: skip
 
-    return fit(
-        runner, data.train, data.val, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-        epochs=epochs, save=save, metrics_file=st.folder / "metrics.jsonl", amp=st.amp(),
-        frozen_backbone=frozen_backbone, first_epoch=first_epoch, total_epochs=total,
-        best=best, resume=resume, scaler=scaler, on_epoch=st.tracker.log_epoch,
-        clip_grad_norm=o.get("clip_grad_norm"), val_every=s.val_every,
-        save_every_s=s.save_every_s,
-    )  # fmt: skip
+    return save
+
+
+def _validation(st: Stage, data: Data, teacher) -> Validation | None:
+    """What a distill stage validates on: labels, and the fidelity on held-out images if any."""
+    if data.fidelity is None:
+        return None
+    fidelity = Fidelity(data.fidelity, teacher)
+    select = st.cfg.stage.get("select") or "val"
+    if data.val is None and select == "val":
+        select = "fidelity"  # nothing labelled held out: fidelity is all there is to select on
+    return Validation(data.val, fidelity, select)
 
 
 def _merge(first: dict, second: dict) -> dict:

@@ -13,15 +13,18 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distill_cli import distributed
 from distill_cli.console import StageProgress
 from distill_cli.runtime import StopRequest
+from distill_cli.selection import Validation, as_validation, evaluate
+
+__all__ = ["Checkpointing", "Interrupted", "Reporting", "Saver", "Schedule", "Step",
+           "TrainingError", "build_optimizer", "build_scheduler", "clip_gradients", "evaluate",
+           "fit", "lr_factor", "set_rng", "weights_of"]  # fmt: skip
 
 log = logging.getLogger("distill_cli")
 
@@ -85,33 +88,6 @@ def build_scheduler(
     )
 
 
-@torch.inference_mode()
-def evaluate(
-    model: torch.nn.Module, batches: Iterable, amp: contextlib.AbstractContextManager | None = None
-) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and mean negative log-likelihood over all batches."""
-    model.eval()
-    correct1 = correct5 = nll = count = 0.0
-    for x, y in batches:
-        with amp or contextlib.nullcontext():
-            logits = model(x).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        nll += F.cross_entropy(logits, y, reduction="sum").item()
-        count += len(y)
-    if distributed.world() > 1:  # each process saw its share of the batches
-        sums = torch.tensor([correct1, correct5, nll, count], dtype=torch.float64)
-        correct1, correct5, nll, count = distributed.all_reduce_sum(sums).tolist()
-    if count == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "nll": float("nan"), "n": 0}
-    return {
-        "top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "nll": nll / count,
-        "n": int(count),
-    }  # fmt: skip
-
-
 def set_train_mode(model: torch.nn.Module, frozen_backbone: bool) -> None:
     """Train mode, except a frozen backbone stays in eval mode (its BatchNorm stats too)."""
     model.train(not frozen_backbone)
@@ -140,119 +116,210 @@ class _Stopped(Exception):
     """Raised between two steps when a stop was requested."""
 
 
-def fit(
-    model: torch.nn.Module,
-    train: Iterable,
-    val: Iterable | None,
-    *,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    epochs: int,
-    save: SaveFn,
-    metrics_file: Path,
-    amp: contextlib.AbstractContextManager | None = None,
-    frozen_backbone: bool = False,
-    first_epoch: int = 1,
-    total_epochs: int | None = None,
-    best: dict | None = None,
-    resume: dict | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-    clip_grad_norm: float | None = None,
-    val_every: int = 1,
-    save_every_s: float = 0.0,
-) -> dict:
-    """Train epochs ``first_epoch`` to ``first_epoch + epochs - 1``; validate, log, checkpoint.
+@dataclass
+class Step:
+    """One optimisation step: the model, its loss, the optimizer and how gradients are taken.
 
-    ``scaler`` scales float16 losses (CUDA mixed precision); ``best`` carries the best epoch
-    and accuracy of an earlier phase (a linear probe).
-    ``last.pt`` carries the training state (optimizer, schedule, RNG, best so
-    far); ``resume`` takes such a state and continues exactly where it stopped, mid-epoch too.
-    SIGINT/SIGTERM stop between two steps, save that point and raise :class:`Interrupted`.
-    ``on_epoch`` gets each epoch's metrics row once it is in ``metrics_file`` (a tracker).
-    ``clip_grad_norm`` caps the L2 norm of all gradients at each step (see :func:`clip_gradients`).
-    ``val_every`` validates every that many epochs and after the last one. ``save_every_s``
-    spaces the checkpoint writes (see :class:`Saver`): 0 writes after every epoch.
-    Under torchrun (see :mod:`distributed`) the epoch's sums and the validation are reduced
-    over the processes, every process stops at the same step, and process 0 alone calls
-    ``save``, ``on_epoch`` and writes ``metrics_file``.
+    Attributes:
+        model: What trains (possibly wrapped by DDP or torch.compile).
+        loss_fn: ``(model, x, y) -> (logits, {"loss": total, other named terms...})``.
+        optimizer: The optimizer.
+        scheduler: A per-step learning-rate schedule.
+        amp: The autocast context, or None.
+        scaler: Scales float16 losses (CUDA mixed precision), or None.
+        clip_grad_norm: Caps the L2 norm of all gradients (see :func:`clip_gradients`), or None.
+        frozen_backbone: Keep all but the head in eval mode (a linear probe).
+    """
+
+    model: torch.nn.Module
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: contextlib.AbstractContextManager | None = None
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad_norm: float | None = None
+    frozen_backbone: bool = False
+
+
+@dataclass
+class Schedule:
+    """Which epochs run and when they are validated.
+
+    Attributes:
+        epochs: How many epochs this call trains.
+        first_epoch: The number of the first (a phase after a linear probe starts later).
+        total_epochs: The stage's epoch count, shown by the progress bar; None: this call's end.
+        val_every: Validate every that many epochs, and after the last one.
+    """
+
+    epochs: int
+    first_epoch: int = 1
+    total_epochs: int | None = None
+    val_every: int = 1
+
+    @property
+    def end(self) -> int:
+        """One past the last epoch."""
+        return self.first_epoch + self.epochs
+
+
+@dataclass
+class Checkpointing:
+    """How checkpoints are written and what an earlier run left to continue from.
+
+    Attributes:
+        save: Writes ``best.pt`` / ``last.pt`` (see :data:`SaveFn`).
+        every_s: Space the writes by at least this many seconds (see :class:`Saver`).
+        resume: A saved training state to continue exactly, mid-epoch too; or None.
+        best: The best epoch and accuracy of an earlier phase (a linear probe); or None.
+    """
+
+    save: SaveFn
+    every_s: float = 0.0
+    resume: dict | None = None
+    best: dict | None = None
+
+
+@dataclass
+class Reporting:
+    """Where each epoch's metrics row goes: ``metrics_file``, then ``on_epoch`` (a tracker)."""
+
+    metrics_file: Path
+    on_epoch: Callable[[dict], None] | None = None
+
+
+@dataclass
+class _Epoch:
+    """What one epoch's loop reads besides the step: its number, the progress bar, the stop."""
+
+    number: int
+    total: int
+    progress: StageProgress
+    stop: StopRequest
+
+
+def fit(
+    step: Step,
+    train: Iterable,
+    val: Iterable | Validation | None,
+    schedule: Schedule,
+    checkpoints: Checkpointing,
+    report: Reporting,
+) -> dict:
+    """Train ``schedule``'s epochs; validate, log, checkpoint.
+
+    ``val`` holds labelled batches, or a :class:`selection.Validation` that also measures the
+    fidelity to the teacher and says which score picks ``best.pt``. ``last.pt`` carries the
+    training state (optimizer, schedule, RNG, best so far); a resume continues exactly where
+    it stopped, mid-epoch too. SIGINT/SIGTERM stop between two steps, save that point and raise
+    :class:`Interrupted`. Under torchrun (see :mod:`distributed`) the epoch's sums and the
+    validation are reduced over the processes, every process stops at the same step, and
+    process 0 alone saves and writes the metrics.
 
     Returns:
         Summary with ``best_epoch``, ``best_val_acc``, ``last_val_acc``, ``train_time_s`` and
-        ``images_per_sec``. Without a validation set the last epoch counts as the best.
+        ``images_per_sec`` (and ``selection`` when more than one criterion was measured).
+        Without a validation set the last epoch counts as the best.
     """
-    end = first_epoch + epochs
-    total_epochs = total_epochs or end - 1
-    main = distributed.is_main()
-    state = _fit_state(best or {})
-    start, tally = first_epoch, None
-    if resume is not None:
-        start, tally = _resume(resume, optimizer, scheduler, scaler, state, main)
-    train_state = partial(_train_state, optimizer, scheduler, scaler, state)
-    steps = len(train) * (end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
-    saver = Saver(save if main else None, save_every_s)
+    validation, main = as_validation(val), distributed.is_main()
+    state = _fit_state(checkpoints.best or {})
+    start, tally = schedule.first_epoch, None
+    if checkpoints.resume is not None:
+        start, tally = _resume(checkpoints.resume, step, state, main)
+    steps = len(train) * (schedule.end - start) - (tally.step if tally else 0)  # type: ignore[arg-type]
+    saver = Saver(checkpoints.save if main else None, checkpoints.every_s)
     with StageProgress(steps, "training", main) as progress, StopRequest() as stop:
-        for epoch in range(start, end):
-            tally = tally or Tally(lr=optimizer.param_groups[-1]["lr"])
-            try:
-                _train_epoch(model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone,
-                             progress, epoch, total_epochs, tally, stop, scaler,
-                             clip_grad_norm)  # fmt: skip
-            except _Stopped:
-                tally = _reduced(tally)
-                saver.flush(epoch, state["last_val_acc"], train_state(epoch, tally))
-                raise Interrupted(
-                    f"stopped by {stop.signal} at epoch {epoch}, step {tally.step}"
-                ) from None
-            except TrainingError:
-                saver.flush_best()  # the best epoch so far is kept; last.pt stays the resume point
-                raise
-            tally = _reduced(tally)
-            row = _row(epoch, tally)
+        for number in range(start, schedule.end):
+            epoch = _Epoch(number, schedule.total_epochs or schedule.end - 1, progress, stop)
+            tally = _train_or_stop(step, train, epoch, tally, saver, state)
+            row = _row(number, tally)
             state["seen"] += tally.count
             state["train_time"] += tally.seconds
-            distributed.average_buffers(model)
-            validated = val is not None and (epoch % val_every == 0 or epoch == end - 1)
-            if validated:
-                _validate(model, val, amp, row, state)
+            distributed.average_buffers(step.model)
+            last = number == schedule.end - 1
+            if validation is not None and (number % schedule.val_every == 0 or last):
+                row.update(validation(step.model, step.amp))
             # The row first, then best, then last: last.pt marks what is done, and a resume drops
             # rows past its epoch, so a crash anywhere in between repeats the epoch identically.
             if main:
-                _append_row(metrics_file, row, on_epoch)
-            if val is None or (validated and _improved(state)):
-                state.update(best_epoch=epoch, best_val_acc=state["last_val_acc"])
-                saver.best(model, epoch, state["last_val_acc"])
+                _append_row(report.metrics_file, row, report.on_epoch)
+            _select(validation, row, state, saver, step.model)
             stopping = distributed.any_rank(stop.signal is not None)
-            if stopping or epoch == end - 1 or saver.due():
-                saver.flush(epoch, state["last_val_acc"], train_state(epoch, None))
+            if stopping or last or saver.due():
+                saver.flush(number, state["last_val_acc"], _train_state(step, state, number, None))
             log.info(_epoch_line(row))
             tally = None
             if stopping:
-                raise Interrupted(f"stopped by {stop.signal} after epoch {epoch}")
-    return _summary(state)
+                raise Interrupted(f"stopped by {stop.signal} after epoch {number}")
+    return _summary(state, validation)
 
 
-# --- fit's policies: resume, training state, validation, the metrics file, the summary --------
+def _train_or_stop(step: Step, train, epoch: _Epoch, tally: Tally | None, saver: Saver,
+                   state: dict) -> Tally:  # fmt: skip
+    """One epoch's training; on a stop signal, save the exact point and raise Interrupted."""
+    tally = tally or Tally(lr=step.optimizer.param_groups[-1]["lr"])
+    try:
+        _train_epoch(step, train, epoch, tally)
+    except _Stopped:
+        tally = _reduced(tally)
+        saver.flush(epoch.number, state["last_val_acc"],
+                    _train_state(step, state, epoch.number, tally))  # fmt: skip
+        raise Interrupted(
+            f"stopped by {epoch.stop.signal} at epoch {epoch.number}, step {tally.step}"
+        ) from None
+    except TrainingError:
+        saver.flush_best()  # the best epoch so far is kept; last.pt stays the resume point
+        raise
+    return _reduced(tally)
+
+
+def _select(validation: Validation | None, row: dict, state: dict, saver: Saver,
+            model: torch.nn.Module) -> None:  # fmt: skip
+    """Keep the epoch as ``best`` when the selection criterion improved (always without one).
+
+    The other measured criterion's best is kept too, as ``best_<criterion>.pt``, so that both
+    choices can be evaluated.
+    """
+    if "val_acc" in row:
+        state["last_val_acc"] = row["val_acc"]
+    if validation is None:
+        state.update(best_epoch=row["epoch"], best_val_acc=state["last_val_acc"])
+        saver.best(model, row["epoch"], state["last_val_acc"])
+        return
+    if not any(k in row for k in ("val_acc", "fid_agree")):
+        return  # not validated this epoch
+    for criterion in validation.improved(row, state["picks"]):
+        if criterion == validation.select:
+            state.update(best_epoch=row["epoch"], best_val_acc=row.get("val_acc"))
+            saver.best(model, row["epoch"], row.get("val_acc"))
+        else:
+            saver.best(model, row["epoch"], row.get("val_acc"), name=f"best_{criterion}")
+
+
+# --- fit's policies: resume, training state, the metrics file, the summary ---------------------
 
 
 def _fit_state(best: dict) -> dict:
-    """What fit carries across epochs and into last.pt: the best so far and the throughput."""
+    """What fit carries across epochs and into last.pt: the best so far and the throughput.
+
+    ``picks`` holds each selection criterion's best epoch so far (see ``selection``).
+    """
+    picks = {}
+    if best.get("best_val_acc") is not None:
+        picks["val"] = {"epoch": best["best_epoch"], "val_acc": best["best_val_acc"],
+                        "score": [best["best_val_acc"]]}  # fmt: skip
     return {"best_epoch": best.get("best_epoch"), "best_val_acc": best.get("best_val_acc"),
-            "last_val_acc": None, "seen": 0, "train_time": 0.0}  # fmt: skip
+            "last_val_acc": None, "seen": 0, "train_time": 0.0, "picks": picks}  # fmt: skip
 
 
-def _resume(
-    resume: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None, state: dict, main: bool,
-) -> tuple[int, Tally | None]:  # fmt: skip
+def _resume(resume: dict, step: Step, state: dict, main: bool) -> tuple[int, Tally | None]:
     """Restore a saved training state; return the epoch to continue and its tally if mid-epoch."""
-    optimizer.load_state_dict(resume["optimizer"])
-    scheduler.load_state_dict(resume["scheduler"])
+    step.optimizer.load_state_dict(resume["optimizer"])
+    step.scheduler.load_state_dict(resume["scheduler"])
     set_rng(resume["rng"])
-    if scaler is not None and resume.get("scaler"):
-        scaler.load_state_dict(resume["scaler"])
-    state.update({k: resume[k] for k in state})
+    if step.scaler is not None and resume.get("scaler"):
+        step.scaler.load_state_dict(resume["scaler"])
+    state.update({k: resume.get(k, state[k]) for k in state})  # picks: absent before selection
     start = resume["epoch"] if resume["step"] else resume["epoch"] + 1
     tally = Tally(**resume["tally"]) if resume["step"] else None
     if tally is not None and not main:  # the saved sums are every process's: count them once
@@ -260,32 +327,14 @@ def _resume(
     return start, tally
 
 
-def _train_state(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None, state: dict, epoch: int, tally: Tally | None,
-) -> dict:  # fmt: skip
+def _train_state(step: Step, state: dict, epoch: int, tally: Tally | None) -> dict:
     """The training state last.pt carries: enough to continue exactly, mid-epoch too."""
     return {
         "epoch": epoch, "step": tally.step if tally else 0,
-        "tally": asdict(tally) if tally else None, "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "rng": _get_rng(),
-        "scaler": scaler.state_dict() if scaler is not None else None, **state,
+        "tally": asdict(tally) if tally else None, "optimizer": step.optimizer.state_dict(),
+        "scheduler": step.scheduler.state_dict(), "rng": _get_rng(),
+        "scaler": step.scaler.state_dict() if step.scaler is not None else None, **state,
     }  # fmt: skip
-
-
-def _validate(
-    model: torch.nn.Module, val: Iterable, amp: contextlib.AbstractContextManager | None,
-    row: dict, state: dict,
-) -> None:  # fmt: skip
-    """Score the validation set into the epoch's row and the fit state."""
-    scores = evaluate(model, val, amp)
-    row.update(val_acc=scores["top1"], val_top5=scores["top5"], val_nll=scores["nll"])
-    state["last_val_acc"] = scores["top1"]
-
-
-def _improved(state: dict) -> bool:
-    """Whether the epoch just validated beats the best so far."""
-    return state["best_val_acc"] is None or state["last_val_acc"] > state["best_val_acc"]
 
 
 def _append_row(metrics_file: Path, row: dict, on_epoch: Callable[[dict], None] | None) -> None:
@@ -296,9 +345,12 @@ def _append_row(metrics_file: Path, row: dict, on_epoch: Callable[[dict], None] 
         on_epoch(row)
 
 
-def _summary(state: dict) -> dict:
-    """What fit returns: the best and last validation accuracy, time and throughput."""
-    return {
+def _summary(state: dict, validation: Validation | None) -> dict:
+    """What fit returns: the best and last validation accuracy, time and throughput.
+
+    With more than one criterion measured, ``selection`` gives the epoch each would keep.
+    """
+    summary = {
         "best_epoch": state["best_epoch"],
         "best_val_acc": state["best_val_acc"],
         "last_val_acc": state["last_val_acc"],
@@ -307,6 +359,11 @@ def _summary(state: dict) -> dict:
         if state["train_time"] > 0
         else None,
     }
+    if validation is not None and len(validation.criteria) > 1:
+        summary["select"] = validation.select
+        summary["selection"] = {c: {k: v for k, v in pick.items() if k != "score"}
+                                for c, pick in state["picks"].items()}  # fmt: skip
+    return summary
 
 
 class Saver:
@@ -321,23 +378,25 @@ class Saver:
     def __init__(self, save: SaveFn | None, interval_s: float) -> None:
         self.save, self.interval_s = save, interval_s
         self.last_write = time.monotonic()
-        self.pending: tuple[int, float | None, dict] | None = None  # best epoch not yet written
+        # best epochs not yet written, by checkpoint name: (epoch, val_acc, weights)
+        self.pending: dict[str, tuple[int, float | None, dict]] = {}
 
-    def best(self, model: torch.nn.Module, epoch: int, val_acc: float | None) -> None:
-        """Remember the model's weights as the best so far (written at the next flush)."""
+    def best(self, model: torch.nn.Module, epoch: int, val_acc: float | None,
+             name: str = "best") -> None:  # fmt: skip
+        """Remember the model's weights as ``name``'s best so far (written at the next flush)."""
         if self.save is not None:
-            self.pending = (epoch, val_acc, weights_of(model))
+            self.pending[name] = (epoch, val_acc, weights_of(model))
 
     def due(self) -> bool:
         """Whether the interval since the last write has passed."""
         return time.monotonic() - self.last_write >= self.interval_s
 
     def flush_best(self) -> None:
-        """Write the pending best checkpoint, if any."""
-        if self.save is not None and self.pending is not None:
-            epoch, val_acc, weights = self.pending
-            self.save("best", epoch, val_acc, None, weights)
-            self.pending = None
+        """Write the pending best checkpoints, if any."""
+        if self.save is not None:
+            for name, (epoch, val_acc, weights) in self.pending.items():
+                self.save(name, epoch, val_acc, None, weights)
+            self.pending = {}
 
     def flush(self, epoch: int, val_acc: float | None, train_state: dict) -> None:
         """Write the pending best, then ``last.pt`` with the training state to resume from."""
@@ -375,51 +434,43 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.T
     return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
 
 
-def _train_epoch(
-    model, train, loss_fn, optimizer, scheduler, amp, frozen_backbone, progress, epoch, epochs,
-    tally: Tally, stop: StopRequest, scaler: torch.amp.GradScaler | None = None,
-    clip_grad_norm: float | None = None,
-) -> None:  # fmt: skip
+def _train_epoch(step: Step, train, epoch: _Epoch, tally: Tally) -> None:
     """One pass over the training batches, accumulating into ``tally``."""
-    set_train_mode(model, frozen_backbone)
+    set_train_mode(step.model, step.frozen_backbone)
     if hasattr(train, "set_epoch"):
-        train.set_epoch(epoch)
+        train.set_epoch(epoch.number)
     done = tally.step  # resumed mid-epoch: these batches were trained on before the stop
     tick = time.perf_counter()
-    for step, (x, y) in enumerate(train, start=1):
-        if step <= done:
+    for i, (x, y) in enumerate(train, start=1):
+        if i <= done:
             tick = time.perf_counter()
             continue
-        logits, parts = _step(model, x, y, loss_fn, optimizer, amp, scaler, clip_grad_norm,
-                              f"epoch {epoch}, step {step}")  # fmt: skip
-        scheduler.step()
+        logits, parts = _step(step, x, y, f"epoch {epoch.number}, step {i}")
+        step.scheduler.step()
         for name, value in parts.items():
             tally.sums[name] = tally.sums.get(name, 0.0) + value.item() * len(y)
         tally.correct += (logits.argmax(dim=1) == y).sum().item()  # -1 (no label) never matches
         tally.labeled += (y >= 0).sum().item()
         tally.count += len(y)
-        tally.step = step
+        tally.step = i
         now = time.perf_counter()  # the time since the last step: batch preparation included
         tally.seconds += now - tick
         tick = now
-        progress.update(epoch, epochs, tally.sums["loss"] / tally.count,
-                        100 * tally.correct / max(tally.labeled, 1),
-                        tally.count / tally.seconds)  # fmt: skip
-        if distributed.any_rank(stop.signal is not None):
+        epoch.progress.update(epoch.number, epoch.total, tally.sums["loss"] / tally.count,
+                              100 * tally.correct / max(tally.labeled, 1),
+                              tally.count / tally.seconds)  # fmt: skip
+        if distributed.any_rank(epoch.stop.signal is not None):
             raise _Stopped
 
 
-def _step(
-    model, x, y, loss_fn, optimizer, amp, scaler: torch.amp.GradScaler | None,
-    clip_grad_norm: float | None, where: str,
-) -> tuple[torch.Tensor, dict]:  # fmt: skip
+def _step(step: Step, x, y, where: str) -> tuple[torch.Tensor, dict]:
     """One optimizer step under autocast; float16 losses scaled, gradients clipped if asked.
 
     Raises:
         TrainingError: the loss is not finite, in this process or another (before the backward).
     """
-    with amp or contextlib.nullcontext():
-        logits, parts = loss_fn(model, x, y)
+    with step.amp or contextlib.nullcontext():
+        logits, parts = step.loss_fn(step.model, x, y)
     loss = parts["loss"]
     finite = bool(torch.isfinite(loss))
     if distributed.any_rank(not finite):  # every process stops here, before the backward
@@ -429,18 +480,19 @@ def _step(
             "checkpoint is kept. Usual causes: a learning rate too high (lower optimizer.lr), "
             "or float16 overflow (device.amp_dtype=bfloat16 or device.amp=false)"
         )
+    optimizer, scaler, clip = step.optimizer, step.scaler, step.clip_grad_norm
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:  # float16: scale the loss so small gradients do not vanish
         scaler.scale(loss).backward()
-        if clip_grad_norm is not None:
+        if clip is not None:
             scaler.unscale_(optimizer)  # clip the true gradients
-            parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
+            parts["grad_norm"] = clip_gradients(optimizer, clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        if clip_grad_norm is not None:
-            parts["grad_norm"] = clip_gradients(optimizer, clip_grad_norm)
+        if clip is not None:
+            parts["grad_norm"] = clip_gradients(optimizer, clip)
         optimizer.step()
     return logits, parts
 

@@ -54,6 +54,7 @@ def test_four_stages_and_a_multirun_through_the_console_script(tmp_path):
         (["pretrain", "dataset.shotz=3"], "shotz"),
         (["pretrain", "dataset.shots=3", "dataset.fraction=0.5"], "set only one of dataset.shots"),
         (["train"], "unknown command 'train'; valid: pretrain, finetune, distill, eval, export"),
+        (["distill", "--help", "model=resnet9000"], "unknown model 'resnet9000'; valid: cnn"),
         (["finetune", "run=nothing-here"], "run `distill-cli pretrain run=nothing-here ...` first"),
         (["pretrain", "run=x", "dataset=glyphs_target", "dataset.shots=500"], "dataset.shots"),
         (
@@ -90,6 +91,44 @@ def test_help_lists_groups_without_importing_torch(tmp_path):
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
         == "False"
     )
+
+
+HEAVY = ("torch", "torchvision", "numpy", "matplotlib", "rich.table", "rich.progress")
+LOADED = """
+import contextlib, io, sys
+from distill_cli.cli import main
+sys.argv = ["distill-cli", *sys.argv[1:]]
+with contextlib.redirect_stdout(io.StringIO()):
+    main()
+print(",".join(m for m in {heavy} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["distill", "--cfg", "job"]])
+def test_help_and_cfg_job_load_no_torch_plots_or_tables(tmp_path, args):
+    """Start-up time: what printing the help or the config needs is Hydra and the config."""
+    code = LOADED.format(heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["distill", "-h", "--resolve", "experiment=demo"]])
+def test_help_reads_as_hydras_own(tmp_path, args):
+    """--help composes the config once; another flag (-cn) leaves it to Hydra: same text."""
+    assert ok(*args, cwd=tmp_path).stdout == ok(*args, "-cn", "config", cwd=tmp_path).stdout
+
+
+def test_startup_benchmark_smoke(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "startup.py"
+    out = tmp_path / "startup.json"
+    proc = subprocess.run([sys.executable, str(bench), "--runs", "1", "--warmup", "0", "--out",
+                           str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())["startup"]
+    assert set(report) == {"help", "cfg_job"}
+    assert all(len(r["runs_s"]) == 1 and r["min_s"] <= r["median_s"] for r in report.values())
 
 
 def test_cfg_job_prints_the_resolved_config(tmp_path):

@@ -96,7 +96,8 @@ def test_probe_longer_than_training_is_refused(make_cfg):
         (["model=resnet9000"], "unknown model 'resnet9000'; valid: cnn,"),
         (["dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
         (["kd=fancy"], "unknown kd 'fancy'; valid: at, crd, ctkd, dist, dkd, fitnet, kd, logit_"),
-        (["experiment=fancy"], "unknown experiment 'fancy'; valid: cifar_split, demo, methods"),
+        # function_matching joined the experiments with issue 20
+        (["experiment=fancy"], "unknown experiment 'fancy'; valid: cifar_split, demo, function_"),
         (
             ["kd=kd", "kd.alpha=2"],
             "kd.alpha is not an option of the chosen kd method; methods that have it: dkd",
@@ -109,7 +110,7 @@ def test_probe_longer_than_training_is_refused(make_cfg):
         (
             ["kd=wttm", "+kd.logit_standardize=true"],
             "kd.logit_standardize=true does not apply "
-            "to kd=wttm; methods it applies to: kd, logit_mse, dkd, dist, ctkd",
+            "to kd=wttm; methods it applies to: ctkd, dist, dkd, kd, logit_mse",
         ),
         (
             ["kd=crd", "kd.nce_negatives=exact"],
@@ -146,7 +147,8 @@ def test_every_experiment_is_global_and_checks_in_every_stage(make_cfg, name, st
     check(cfg)
     # a recipe names the run its stages chain through; cifar_split has one run per shots value
     # and seed (cifar_split_k10_seed0, ...), named by make cifar-split
-    assert cfg.run is not None or name == "cifar_split"
+    # recipes applied in many runs name none (function_matching: issue 20)
+    assert cfg.run is not None or name in ("cifar_split", "function_matching")
 
 
 def test_experiment_values_lose_to_the_command_line(make_cfg):

@@ -1,5 +1,8 @@
 """Tests for distill_cli.data: readers on tiny hand-written files, subsets, stats, loader."""
 
+# The loaders take Normalise / Order / Augment objects since issue 21 (at most 8 parameters);
+# the constructor calls below changed with them, their assertions did not.
+
 import bz2
 import hashlib
 import os
@@ -14,8 +17,11 @@ from PIL import Image
 
 from distill_cli.data import (
     DATASETS,
+    Augment,
     BatchLoader,
     DataError,
+    Normalise,
+    Order,
     Split,
     channel_stats,
     convert,
@@ -446,16 +452,18 @@ def _label_images(n: int, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_loader_length_and_drop_last():
     x, y = _label_images(10)
-    assert len(BatchLoader(x, y, 4, mean=[0], std=[1])) == 3
-    assert len(BatchLoader(x, y, 4, mean=[0], std=[1], drop_last=True)) == 2
-    sizes = [len(b[1]) for b in BatchLoader(x, y, 4, mean=[0], std=[1], drop_last=True)]
+    assert len(BatchLoader(x, y, 4, Normalise([0], [1]))) == 3
+    assert len(BatchLoader(x, y, 4, Normalise([0], [1]), order=Order(drop_last=True))) == 2
+    sizes = [
+        len(b[1]) for b in BatchLoader(x, y, 4, Normalise([0], [1]), order=Order(drop_last=True))
+    ]
     assert sizes == [4, 4]
 
 
 def test_loader_normalises():
     x = torch.full((3, 3, 2, 2), 200, dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
-    images, labels = next(iter(BatchLoader(x, torch.zeros(3), 3, mean=mean, std=std)))
+    images, labels = next(iter(BatchLoader(x, torch.zeros(3), 3, Normalise(mean, std))))
     expected = [(200 / 255 - m) / s for m, s in zip(mean, std, strict=True)]
     assert images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images[:, :, 0, 0] == pytest.approx(torch.tensor([expected] * 3), abs=1e-5)
@@ -463,7 +471,14 @@ def test_loader_normalises():
 
 def test_loader_shuffle_deterministic_and_aligned():
     x, y = _label_images(20)
-    loader = BatchLoader(x, y, 8, mean=[0], std=[1 / 255], shuffle=True, crop_padding=1, seed=5)
+    loader = BatchLoader(
+        x,
+        y,
+        8,
+        Normalise([0], [1 / 255]),
+        order=Order(shuffle=True, seed=5),
+        augment=Augment(crop_padding=1),
+    )
     first = [b[1] for b in loader]
     assert all(torch.equal(a, b[1]) for a, b in zip(first, loader, strict=True))
     assert sorted(torch.cat(first).tolist()) == list(range(20))
@@ -478,7 +493,7 @@ def test_loader_crop_moves_pixel_at_most_padding():
     n, size, pad = 16, 9, 2
     x = torch.zeros(n, 1, size, size, dtype=torch.uint8)
     x[:, 0, 4, 4] = 255
-    loader = BatchLoader(x, torch.zeros(n), n, mean=[0], std=[1], crop_padding=pad, seed=0)
+    loader = BatchLoader(x, torch.zeros(n), n, Normalise([0], [1]), augment=Augment(pad))
     images, _ = next(iter(loader))
     assert images.shape == (n, 1, size, size)
     offsets = set()
@@ -493,7 +508,11 @@ def test_loader_flip():
     n = 32
     x = torch.zeros(n, 1, 3, 4, dtype=torch.uint8)
     x[:, 0, :, 0] = 255  # left column lit
-    images, _ = next(iter(BatchLoader(x, torch.zeros(n), n, mean=[0], std=[1 / 255], flip=True)))
+    images, _ = next(
+        iter(
+            BatchLoader(x, torch.zeros(n), n, Normalise([0], [1 / 255]), augment=Augment(flip=True))
+        )
+    )
     flipped = images[:, 0, 0, -1] > 0
     assert 0 < int(flipped.sum()) < n
     assert torch.equal(images[flipped], x[flipped].flip(-1).float())
@@ -501,6 +520,6 @@ def test_loader_flip():
 
 def test_loader_channels_last():
     x = torch.zeros(4, 3, 5, 5, dtype=torch.uint8)
-    loader = BatchLoader(x, torch.zeros(4), 2, mean=[0] * 3, std=[1] * 3, channels_last=True)
+    loader = BatchLoader(x, torch.zeros(4), 2, Normalise([0] * 3, [1] * 3, channels_last=True))
     images, _ = next(iter(loader))
     assert images.is_contiguous(memory_format=torch.channels_last)

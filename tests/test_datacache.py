@@ -12,6 +12,7 @@ from distill_cli.config import ConfigError, check
 from distill_cli.data import load_split
 from distill_cli.data import subsets as data_module
 from distill_cli.data.cache import CACHE_DIR, cache_paths
+from distill_cli.data.subsets import Storage
 from distill_cli.stages import run_stage
 
 
@@ -24,7 +25,8 @@ def _folder(root, n: int = 3) -> None:
 
 
 def _load(root, fallback=None, **kwargs):
-    return load_split("imagefolder", str(root), True, cache=True, cache_fallback=fallback, **kwargs)
+    storage = Storage(cache=True, cache_fallback=fallback)
+    return load_split("imagefolder", str(root), True, storage=storage, **kwargs)
 
 
 def _no_decoding(monkeypatch):
@@ -103,9 +105,14 @@ def test_read_only_data_caches_in_the_fallback_folder(tmp_path, caplog):
 
 
 def test_generated_data_and_cache_false_write_nothing(tmp_path):
-    load_split("glyphs_target", str(tmp_path), True, cache=True, cache_fallback=str(tmp_path))
+    load_split(
+        "glyphs_target",
+        str(tmp_path),
+        True,
+        storage=Storage(cache=True, cache_fallback=str(tmp_path)),
+    )
     _folder(tmp_path / "imgs")
-    load_split("imagefolder", str(tmp_path / "imgs"), True, cache=False)
+    load_split("imagefolder", str(tmp_path / "imgs"), True, storage=Storage(cache=False))
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -129,9 +136,8 @@ def test_real_mnist_from_the_cache_equals_torchvision(shared_data, tmp_path, mon
     plain = load_split("mnist", str(data), False, download=False)
 
     def load():
-        return load_split(
-            "mnist", str(data), False, download=False, cache=True, cache_fallback=str(fallback)
-        )
+        storage = Storage(cache=True, cache_fallback=str(fallback))
+        return load_split("mnist", str(data), False, download=False, storage=storage)
 
     load()
     assert (data / CACHE_DIR / "mnist-test.pt").is_file() and not fallback.exists()

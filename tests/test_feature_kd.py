@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill_cli.kd.crd import NCE
 from distill_cli.kd.features import (
     CRD,
     FEATURE_METHODS,
@@ -163,7 +164,7 @@ def _unit(x):
 def test_crd_matches_the_nce_formula_by_hand():
     torch.manual_seed(0)
     n, k, temp = 5, 2, 0.5
-    crd = CRD(student_dim=3, teacher_dim=4, num_samples=n, feat_dim=2, nce_k=k, nce_t=temp)
+    crd = CRD(student_dim=3, teacher_dim=4, num_samples=n, feat_dim=2, nce=NCE(k=k, t=temp))
     s, t, index = torch.randn(2, 3), torch.randn(2, 4), torch.tensor([4, 1])
     bank_s, bank_t = crd.memory_student.double().numpy(), crd.memory_teacher.double().numpy()
     params = {name: p.detach().double().numpy() for name, p in crd.named_parameters()}
@@ -195,7 +196,7 @@ def test_crd_matches_the_nce_formula_by_hand():
 
 def test_crd_memory_follows_the_momentum_rule_and_z_is_set_once():
     torch.manual_seed(0)
-    crd = CRD(student_dim=3, teacher_dim=4, num_samples=6, feat_dim=5, nce_k=3, nce_m=0.25)
+    crd = CRD(student_dim=3, teacher_dim=4, num_samples=6, feat_dim=5, nce=NCE(k=3, m=0.25))
     old_s, old_t = crd.memory_student.clone(), crd.memory_teacher.clone()
     s, t, index = torch.randn(2, 3), torch.randn(2, 4), torch.tensor([0, 3])
     crd(s, t, index)
@@ -214,7 +215,7 @@ def test_crd_memory_follows_the_momentum_rule_and_z_is_set_once():
 
 def test_crd_ignores_autocast():  # exp(score / 0.07) overflows float16
     torch.manual_seed(0)
-    crd = CRD(student_dim=3, teacher_dim=3, num_samples=6, feat_dim=4, nce_k=3)
+    crd = CRD(student_dim=3, teacher_dim=3, num_samples=6, feat_dim=4, nce=NCE(k=3))
     s, t = torch.randn(2, 3).bfloat16(), torch.randn(2, 3).bfloat16()
     index = torch.tensor([0, 1])
     state, rng = {k: v.clone() for k, v in crd.state_dict().items()}, torch.get_rng_state()
@@ -239,7 +240,7 @@ def test_crd_negatives_come_from_the_global_rng_and_are_capped():
 def test_crd_negatives_never_share_a_known_class():
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, -1, -1, -1])  # 7 labelled rows, 3 unlabelled
-    crd = CRD(3, 3, num_samples=10, feat_dim=2, nce_k=64, labels=labels)
+    crd = CRD(3, 3, num_samples=10, feat_dim=2, nce=NCE(k=64), labels=labels)
     assert crd.negative_draws == {"other_class": 7, "uniform": 3}
     index = torch.arange(10).repeat(20)
     negatives = crd.sample_negatives(index)
@@ -257,14 +258,14 @@ def test_crd_negatives_never_share_a_known_class():
 def test_crd_uniform_negatives_and_a_single_class_fall_back_to_any_other_row():
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 0, 1])
-    uniform = CRD(3, 3, num_samples=4, feat_dim=2, nce_k=3, labels=labels, negatives="uniform")
+    uniform = CRD(3, 3, num_samples=4, feat_dim=2, nce=NCE(k=3, negatives="uniform"), labels=labels)
     assert uniform.negative_draws == {"other_class": 0, "uniform": 4}
     drawn = uniform.sample_negatives(torch.arange(4).repeat(50))
     assert set(drawn[::4].flatten().tolist()) == {1, 2, 3}  # row 0: its own class's row 2 too
-    one_class = CRD(3, 3, num_samples=3, feat_dim=2, nce_k=2, labels=torch.tensor([0, 0, 0]))
+    one_class = CRD(3, 3, num_samples=3, feat_dim=2, nce=NCE(k=2), labels=torch.tensor([0, 0, 0]))
     assert one_class.negative_draws == {"other_class": 0, "uniform": 3}
     with pytest.raises(ValueError, match="kd.nce_negatives='exact' is invalid; valid: other_cl"):
-        CRD(3, 3, num_samples=3, negatives="exact")
+        CRD(3, 3, num_samples=3, nce=NCE(negatives="exact"))
 
 
 def test_feature_distiller_records_the_crd_negatives():
@@ -276,7 +277,7 @@ def test_feature_distiller_records_the_crd_negatives():
 
 def _crd_losses(lr, steps=40):
     torch.manual_seed(0)
-    crd = CRD(student_dim=6, teacher_dim=6, num_samples=16, feat_dim=8, nce_k=8)
+    crd = CRD(student_dim=6, teacher_dim=6, num_samples=16, feat_dim=8, nce=NCE(k=8))
     student = torch.randn(4, 6, requires_grad=True)
     teacher, index = torch.randn(4, 6), torch.tensor([0, 5, 9, 13])
     params, losses = [student, *crd.parameters()], []

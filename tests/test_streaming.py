@@ -1,5 +1,8 @@
 """Image folders streamed from their files give the batches the in-memory path gives."""
 
+# The loaders take Normalise / Order / Augment objects since issue 21 (at most 8 parameters);
+# the constructor calls below changed with them, their assertions did not.
+
 import json
 import logging
 
@@ -9,15 +12,19 @@ import torch
 from PIL import Image
 
 from distill_cli.data import (
+    Augment,
     BatchLoader,
     DataError,
     ImageFiles,
+    Normalise,
+    Order,
     StreamLoader,
     channel_stats,
     convert,
     load_split,
     select_classes,
 )
+from distill_cli.data.subsets import Storage
 from distill_cli.stages import run_stage
 
 
@@ -35,8 +42,8 @@ def _folder(root, per_class: int = 5, size=(9, 7)) -> None:
 
 def _both(root, **convert_args):
     """The same folder decoded into memory and left on disk (1 worker process)."""
-    memory = load_split("imagefolder", str(root), True, stream=False)
-    streamed = load_split("imagefolder", str(root), True, stream=True, workers=1)
+    memory = load_split("imagefolder", str(root), True, storage=Storage(stream=False))
+    streamed = load_split("imagefolder", str(root), True, storage=Storage(stream=True, workers=1))
     assert isinstance(streamed.x, ImageFiles) and isinstance(memory.x, torch.Tensor)
     assert torch.equal(memory.y, streamed.y) and memory.class_names == streamed.class_names
     return (convert(memory.x, **convert_args), memory.y), (convert(streamed.x, **convert_args),
@@ -60,19 +67,19 @@ def test_streamed_batches_equal_in_memory_without_augmentation(tmp_path, convert
     assert sx.shape == mx.shape
     mean, std = channel_stats(mx)
     assert channel_stats(sx) == (mean, std)  # one chunk each: the same sums
-    args = dict(mean=mean, std=std)
-    _same(_batches(BatchLoader(mx, my, 4, **args)), _batches(StreamLoader(sx, sy, 4, **args)))
+    norm = Normalise(mean, std)
+    _same(_batches(BatchLoader(mx, my, 4, norm)), _batches(StreamLoader(sx, sy, 4, norm)))
 
 
 def test_streamed_augmentation_is_deterministic_and_matches_memory(tmp_path):
     _folder(tmp_path)
     (mx, my), (sx, sy) = _both(tmp_path)
     idx = torch.tensor([0, 2, 3, 5, 7, 8, 9, 11, 12, 14])  # a subset, as the stage takes
-    aug = dict(mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, drop_last=True, crop_padding=2,
-               flip=True, seed=3)  # fmt: skip
+    aug = dict(order=Order(shuffle=True, drop_last=True, seed=3), augment=Augment(2, flip=True))
+    norm = Normalise([0.5] * 3, [0.25] * 3)
     memory, streamed = (
-        BatchLoader(mx[idx], my[idx], 4, **aug),
-        StreamLoader(sx[idx], sy[idx], 4, **aug),
+        BatchLoader(mx[idx], my[idx], 4, norm, **aug),
+        StreamLoader(sx[idx], sy[idx], 4, norm, **aug),
     )
     assert len(streamed) == len(memory) == 2
     for epoch in (0, 1):
@@ -89,7 +96,7 @@ def test_streamed_augmentation_is_deterministic_and_matches_memory(tmp_path):
 
 def test_image_files_index_and_select_classes(tmp_path):
     _folder(tmp_path, per_class=2)
-    split = load_split("imagefolder", str(tmp_path), True, stream=True, workers=0)
+    split = load_split("imagefolder", str(tmp_path), True, storage=Storage(stream=True, workers=0))
     picked = select_classes(split, ["cow", "ant"])
     assert picked.y.tolist() == [1, 1, 0, 0] and picked.class_names == ["cow", "ant"]
     assert [p.split("/")[-2] for p in picked.x.paths] == ["ant", "ant", "cow", "cow"]
@@ -101,8 +108,12 @@ def test_image_files_index_and_select_classes(tmp_path):
 def test_streams_when_over_the_memory_budget(tmp_path, caplog):
     _folder(tmp_path, per_class=2)
     caplog.set_level(logging.INFO, "distill_cli")
-    small = load_split("imagefolder", str(tmp_path), True, stream=None, max_memory_gb=1)
-    big = load_split("imagefolder", str(tmp_path), True, stream=None, max_memory_gb=1e-9)
+    small = load_split(
+        "imagefolder", str(tmp_path), True, storage=Storage(stream=None, max_memory_gb=1)
+    )
+    big = load_split(
+        "imagefolder", str(tmp_path), True, storage=Storage(stream=None, max_memory_gb=1e-9)
+    )
     assert isinstance(small.x, torch.Tensor) and isinstance(big.x, ImageFiles)
     assert "max_memory_gb" in caplog.text
 
@@ -111,9 +122,9 @@ def test_unreadable_files_stop_or_are_skipped(tmp_path, caplog):
     _folder(tmp_path, per_class=3)
     (tmp_path / "train" / "bee" / "broken.png").write_bytes(b"not an image")
     for bad, workers in (("error", 0), ("skip", 1)):
-        split = load_split("imagefolder", str(tmp_path), True, bad_images=bad, stream=True,
-                           workers=workers)  # fmt: skip
-        loader = StreamLoader(split.x, split.y, 4, mean=[0] * 3, std=[1] * 3)
+        storage = Storage(stream=True, workers=workers)
+        split = load_split("imagefolder", str(tmp_path), True, bad_images=bad, storage=storage)
+        loader = StreamLoader(split.x, split.y, 4, Normalise([0] * 3, [1] * 3))
         if bad == "error":
             with pytest.raises(DataError, match="broken.png"):
                 list(loader)

@@ -1,5 +1,8 @@
 """The teacher-output cache: per-image augmentation views, hits, verification, sweep reuse."""
 
+# The loaders take Normalise / Order / Augment objects since issue 21 (at most 8 parameters);
+# the constructor calls below changed with them, their assertions did not.
+
 import json
 import logging
 
@@ -8,14 +11,14 @@ import torch
 
 from distill_cli import checkpoint as ck
 from distill_cli.config import check
-from distill_cli.data import BatchLoader, TransferLoader
+from distill_cli.data import Augment, BatchLoader, Normalise, Order, TransferLoader
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
 from distill_cli.stages import run_stage
 from tests.conftest import TINY
 
 TGT = ["dataset=glyphs_target", "dataset.shots=3", "model=cnn", "stage.epochs=3",
        "stage.batch_size=16"]  # fmt: skip
-NORM = dict(mean=[0.5], std=[0.25])
+NORM = Normalise([0.5], [0.25])
 
 
 def _images(n=40):
@@ -24,8 +27,8 @@ def _images(n=40):
 
 def _loader(x, seed=0, **kw):
     y = torch.arange(len(x)) % 3
-    return BatchLoader(x, y, 8, shuffle=True, crop_padding=2, flip=True, seed=seed, aug_seed=7,
-                       **NORM, **kw)  # fmt: skip
+    augment = Augment(2, flip=True, per_image_seed=7, views=kw.pop("aug_views", None))
+    return BatchLoader(x, y, 8, NORM, order=Order(shuffle=True, seed=seed), augment=augment, **kw)
 
 
 def _by_index(loader):
@@ -62,7 +65,7 @@ def test_views_cycle_and_batches_can_start_inside_an_epoch():
 
 
 def test_no_augmentation_means_one_view():
-    loader = BatchLoader(_images(), torch.zeros(40), 8, aug_seed=0, **NORM)
+    loader = BatchLoader(_images(), torch.zeros(40), 8, NORM, augment=Augment(per_image_seed=0))
     assert {loader.view(e) for e in range(1, 5)} == {0}
 
 
@@ -196,8 +199,14 @@ def test_cached_entries_equal_the_live_teacher(teacher_run):
 
     split = load_split("glyphs_target", "data", True, False)
     x = convert(split.x, None, None)[indices]
-    loader = BatchLoader(x, split.y[indices], 32, shuffle=True, crop_padding=2, seed=0,
-                         aug_seed=0, aug_views=2, mean=ckpt["mean"], std=ckpt["std"])  # fmt: skip
+    loader = BatchLoader(
+        x,
+        split.y[indices],
+        32,
+        Normalise(ckpt["mean"], ckpt["std"]),
+        order=Order(shuffle=True),
+        augment=Augment(2, per_image_seed=0, views=2),
+    )
     loader.set_epoch(1)
     for images, _ in loader:
         with torch.no_grad():

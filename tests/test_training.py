@@ -6,10 +6,17 @@ import math
 import pytest
 import torch
 
-from distill_cli.data import BatchLoader
+from distill_cli.data import BatchLoader, Normalise, Order
 from distill_cli.models import build_model
+
+# fit takes grouped objects since issue 21 (Step, Schedule, Checkpointing, Reporting); the
+# calls below changed with it, their assertions did not.
 from distill_cli.training import (
+    Checkpointing,
+    Reporting,
     Saver,
+    Schedule,
+    Step,
     TrainingError,
     build_optimizer,
     build_scheduler,
@@ -60,8 +67,8 @@ def _tiny_loaders():
     y = torch.arange(64) % 2
     x = (torch.rand(64, 1, 8, 8, generator=gen) * 60).to(torch.uint8)
     x[y == 1, :, :4] += 150  # class 1 is bright at the top: learnable in a few steps
-    kw = dict(mean=[0.3], std=[0.3])
-    return BatchLoader(x, y, 16, shuffle=True, **kw), BatchLoader(x, y, 64, **kw)
+    norm = Normalise([0.3], [0.3])
+    return BatchLoader(x, y, 16, norm, order=Order(shuffle=True)), BatchLoader(x, y, 64, norm)
 
 
 def _ce(model, x, y):
@@ -77,15 +84,12 @@ def test_fit_learns_writes_metrics_and_checkpoints(tmp_path):
     sched = build_scheduler(opt, len(train) * 8, "cosine", 0, [], 0.1)
     saved = []
     summary = fit(
-        model,
+        Step(model, _ce, opt, sched),
         train,
         val,
-        loss_fn=_ce,
-        optimizer=opt,
-        scheduler=sched,
-        epochs=8,
-        save=lambda name, epoch, acc, state, weights: saved.append((name, epoch, acc)),
-        metrics_file=tmp_path / "metrics.jsonl",
+        Schedule(8),
+        Checkpointing(lambda name, epoch, acc, state, weights: saved.append((name, epoch, acc))),
+        Reporting(tmp_path / "metrics.jsonl"),
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 9))
@@ -115,9 +119,14 @@ def test_timed_checkpoints_hold_the_best_weights_until_the_next_write(tmp_path):
     def remember(row):  # each epoch's weights, to compare the best snapshot with
         snapshots[row["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    summary = fit(model, train, val, loss_fn=_ce, optimizer=opt, scheduler=sched, epochs=6,
-                  save=save, metrics_file=tmp_path / "m.jsonl", on_epoch=remember,
-                  save_every_s=3600)  # fmt: skip
+    summary = fit(
+        Step(model, _ce, opt, sched),
+        train,
+        val,
+        Schedule(6),
+        Checkpointing(save, every_s=3600),
+        Reporting(tmp_path / "m.jsonl", remember),
+    )
     assert saved == [("best", summary["best_epoch"]), ("last", 6)]  # one write each, at the end
     best = snapshots[summary["best_epoch"]]
     assert all(torch.equal(best[k], snapshots["best"][k]) for k in best)
@@ -149,15 +158,12 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
 
     with pytest.raises(TrainingError, match="epoch 1, step 1"):
         fit(
-            model,
+            Step(model, nan_loss, opt, build_scheduler(opt, 4, "constant", 0, [], 0.1)),
             train,
             None,
-            loss_fn=nan_loss,
-            optimizer=opt,
-            scheduler=build_scheduler(opt, 4, "constant", 0, [], 0.1),
-            epochs=1,
-            save=lambda *a: None,
-            metrics_file=tmp_path / "m.jsonl",
+            Schedule(1),
+            Checkpointing(lambda *a: None),
+            Reporting(tmp_path / "m.jsonl"),
         )
 
 
@@ -184,17 +190,14 @@ def test_fit_with_clipping_caps_every_step_and_logs_the_norm(tmp_path):
         norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
     opt.register_step_pre_hook(seen)
+    sched = build_scheduler(opt, len(train) * 2, "constant", 0, [], 0.1)
     fit(
-        model,
+        Step(model, _ce, opt, sched, clip_grad_norm=1e-3),
         train,
         None,
-        loss_fn=_ce,
-        optimizer=opt,
-        scheduler=build_scheduler(opt, len(train) * 2, "constant", 0, [], 0.1),
-        epochs=2,
-        save=lambda *a: None,
-        metrics_file=tmp_path / "m.jsonl",
-        clip_grad_norm=1e-3,
+        Schedule(2),
+        Checkpointing(lambda *a: None),
+        Reporting(tmp_path / "m.jsonl"),
     )
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert len(norms) == 2 * len(train) and max(norms) <= 1e-3 * (1 + 1e-5)

@@ -10,7 +10,15 @@ imports the models.
 """
 
 from distill_cli.data.images import DataError, convert, crop_at
-from distill_cli.data.loaders import Batching, BatchLoader, StreamLoader, TransferLoader
+from distill_cli.data.loaders import (
+    Augment,
+    Batching,
+    BatchLoader,
+    Normalise,
+    Order,
+    StreamLoader,
+    TransferLoader,
+)
 from distill_cli.data.readers import DATASETS
 from distill_cli.data.streaming import ImageFiles
 from distill_cli.data.subsets import (
@@ -26,10 +34,13 @@ from distill_cli.data.subsets import (
 
 __all__ = [
     "DATASETS",
+    "Augment",
     "BatchLoader",
     "Batching",
     "DataError",
     "ImageFiles",
+    "Normalise",
+    "Order",
     "Split",
     "StreamLoader",
     "TransferLoader",

@@ -11,11 +11,61 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import astuple, dataclass
 
 import torch
 
 from distill_cli.data.images import DataError, crop_at, random_crop
 from distill_cli.data.streaming import ImageFiles, Plan, Plans, decoder
+
+
+@dataclass(frozen=True)
+class Normalise:
+    """How a loader turns uint8 images into the model's input.
+
+    Attributes:
+        mean: Per-channel mean of ``x / 255`` to subtract.
+        std: Per-channel standard deviation to divide by.
+        channels_last: Give the batches in the NHWC memory format.
+    """
+
+    mean: list[float]
+    std: list[float]
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class Order:
+    """Which images each batch holds.
+
+    Attributes:
+        shuffle: A new order every epoch, drawn from (seed, epoch).
+        drop_last: Drop the last, incomplete batch.
+        seed: Seeds the order and the per-batch augmentation draws.
+    """
+
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batch augmentation: a random crop after zero padding and a horizontal flip.
+
+    Attributes:
+        crop_padding: Zero padding before the crop, in pixels (0: no crop).
+        flip: Flip half of the images left-right.
+        per_image_seed: Draw each image's augmentation from (this seed, view) alone, whatever
+            the batch order (a teacher cache needs it); None draws per batch.
+        views: With ``per_image_seed``: distinct views per image, cycled over the epochs;
+            None: a new view every epoch.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    per_image_seed: int | None = None
+    views: int | None = None
 
 
 class Batching:
@@ -25,21 +75,17 @@ class Batching:
     arguments, so that both draw the same order and normalise alike for the same seed and epoch.
     """
 
-    def _setup(
-        self, n_images: int, n_labels: int, batch_size: int, mean: list[float], std: list[float],
-        shuffle: bool, drop_last: bool, crop_padding: int, flip: bool, seed: int,
-        device: str | torch.device, channels_last: bool,
-    ) -> None:  # fmt: skip
+    def _setup(self, n_images: int, n_labels: int, batch_size: int, norm: Normalise,
+               order: Order, augment: Augment, device: str | torch.device) -> None:  # fmt: skip
         if n_images != n_labels:
             raise DataError(f"{n_images} images but {n_labels} labels")
         self.device = torch.device(device)
         self.n_images, self.batch_size = n_images, batch_size
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.crop_padding, self.flip = crop_padding, flip
-        self.seed, self.epoch = seed, 0
-        self.channels_last = channels_last
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.shuffle, self.drop_last, self.seed, self.epoch = *astuple(order), 0
+        self.crop_padding, self.flip = augment.crop_padding, augment.flip
+        self.channels_last = norm.channels_last
+        std_t = torch.tensor(norm.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(norm.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add per pixel.
         self._scale = 1 / (255 * std_t)
         self._shift = mean_t / std_t
@@ -76,32 +122,16 @@ class BatchLoader(Batching):
     so an epoch gives the same batches on every run and on CPU and GPU alike.
     """
 
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
-        *,
-        mean: list[float],
-        std: list[float],
-        shuffle: bool = False,
-        drop_last: bool = False,
-        crop_padding: int = 0,
-        flip: bool = False,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        channels_last: bool = False,
-        aug_seed: int | None = None,
-        aug_views: int | None = None,
-    ) -> None:
-        self._setup(len(x), len(y), batch_size, mean, std, shuffle, drop_last, crop_padding, flip,
-                    seed, device, channels_last)  # fmt: skip
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, norm: Normalise, *,
+                 order: Order = Order(), augment: Augment = Augment(),
+                 device: str | torch.device = "cpu") -> None:  # fmt: skip
+        self._setup(len(x), len(y), batch_size, norm, order, augment, device)
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
         self.last_index = torch.empty(0, dtype=torch.int64)  # rows of x in the latest batch
         # Per-image augmentation (a teacher cache needs it): image i in view v is augmented by
         # parameters drawn from (aug_seed, v) alone, whatever the batch order.
-        self.aug_seed, self.aug_views = aug_seed, aug_views
+        self.aug_seed, self.aug_views = augment.per_image_seed, augment.views
         self.last_view = torch.empty(0, dtype=torch.int64)  # view of each image of the batch
 
     @property
@@ -174,16 +204,19 @@ class BatchLoader(Batching):
 class TransferLoader:
     """Labelled batches, each joined by a batch of unlabelled images (label -1).
 
-    An epoch is one pass over the labelled loader, so ``stage.epochs`` means the same number of
-    optimisation steps with or without unlabelled images. The unlabelled loader runs as one
-    endless sequence of passes (pass ``p`` shuffled and augmented by its own seed) that the
-    epochs take their batches from in turn: epoch ``e`` takes batches ``(e-1)*L`` to ``e*L-1``,
-    so a resumed epoch repeats exactly. ``last_index`` numbers labelled images first, then
-    unlabelled ones. The unlabelled loader needs per-image augmentation (``aug_seed``).
+    By default an epoch is one pass over the labelled loader, so ``stage.epochs`` means the same
+    number of optimisation steps with or without unlabelled images. With ``steps`` set (from
+    ``stage.transfer_epochs``) an epoch is that many steps instead, whatever the labelled
+    subset's size, and the labelled loader cycles too. A stream that cycles runs as one endless
+    sequence of passes (pass ``p`` shuffled and augmented by its own seed) that the epochs take
+    their batches from in turn: epoch ``e`` takes batches ``(e-1)*L`` to ``e*L-1`` (``L`` steps
+    per epoch), so a resumed epoch repeats exactly; such a stream needs per-image augmentation
+    (``aug_seed``). ``last_index`` numbers labelled images first, then unlabelled ones.
     """
 
-    def __init__(self, labeled: BatchLoader, unlabeled: BatchLoader) -> None:
-        self.labeled, self.unlabeled = labeled, unlabeled
+    def __init__(self, labeled: BatchLoader, unlabeled: BatchLoader,
+                 steps: int | None = None) -> None:  # fmt: skip
+        self.labeled, self.unlabeled, self.steps = labeled, unlabeled, steps
         self.epoch = 0
         self.last_index = torch.empty(0, dtype=torch.int64)
         self.last_view = torch.empty(0, dtype=torch.int64)
@@ -204,29 +237,39 @@ class TransferLoader:
         return self.labeled.batch_size + self.unlabeled.batch_size
 
     def __len__(self) -> int:
-        return len(self.labeled)
+        return self.steps or len(self.labeled)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch of the labelled loader and the unlabelled batches it is joined with."""
         self.epoch = epoch
         self.labeled.set_epoch(epoch)
 
-    def _unlabeled_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        passes, start = divmod(max(self.epoch - 1, 0) * len(self.labeled), len(self.unlabeled))
+    def _cycled(self, loader: BatchLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``loader``'s batches as one endless sequence of passes, from this epoch's first."""
+        passes, start = divmod(max(self.epoch - 1, 0) * len(self), len(loader))
         while True:
-            self.unlabeled.set_epoch(passes)
-            for x, y in self.unlabeled.batches(start):
-                yield x, y, self.unlabeled.last_index, self.unlabeled.last_view
+            loader.set_epoch(passes)
+            for x, y in loader.batches(start):
+                yield x, y, loader.last_index, loader.last_view
             passes, start = passes + 1, 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        extra = self._unlabeled_batches()
-        offset = self.labeled.num_samples
+    def _labeled_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.steps is not None:
+            yield from self._cycled(self.labeled)
+            return
         for x, y in self.labeled:
+            yield x, y, self.labeled.last_index, self.labeled.last_view
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        extra = self._cycled(self.unlabeled)
+        offset = self.labeled.num_samples
+        labelled = self._labeled_batches()
+        for _ in range(len(self)):
+            x, y, il, vl = next(labelled)
             xu, yu, iu, vu = next(extra)
-            self.last_index = torch.cat([self.labeled.last_index, iu + offset])
+            self.last_index = torch.cat([il, iu + offset])
             # views of the two streams are told apart by sign: unlabelled ones are negative
-            self.last_view = torch.cat([self.labeled.last_view, -1 - vu])
+            self.last_view = torch.cat([vl, -1 - vu])
             yield torch.cat([x, xu]), torch.cat([y, yu])
 
 
@@ -238,28 +281,17 @@ class StreamLoader(Batching):
     same order, so both loaders give the same batches for the same images, seed and epoch.
     """
 
-    def __init__(
-        self,
-        x: ImageFiles,
-        y: torch.Tensor,
-        batch_size: int,
-        *,
-        mean: list[float],
-        std: list[float],
-        shuffle: bool = False,
-        drop_last: bool = False,
-        crop_padding: int = 0,
-        flip: bool = False,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        channels_last: bool = False,
-    ) -> None:
-        self._setup(len(x), len(y), batch_size, mean, std, shuffle, drop_last, crop_padding, flip,
-                    seed, device, channels_last)  # fmt: skip
+    def __init__(self, x: ImageFiles, y: torch.Tensor, batch_size: int, norm: Normalise, *,
+                 order: Order = Order(), augment: Augment = Augment(),
+                 device: str | torch.device = "cpu") -> None:  # fmt: skip
+        if augment.per_image_seed is not None:
+            raise DataError("a streamed image folder draws augmentation per batch, not per image")
+        self._setup(len(x), len(y), batch_size, norm, order, augment, device)
         self.x, self.y = x, y.to(torch.int64).cpu()
         # The workers start on the first pass and stay for the next ones.
         self._plans = Plans()
-        self._batches = decoder(x, self._plans, crop_padding, self.device.type == "cuda", True)
+        cuda = self.device.type == "cuda"
+        self._batches = decoder(x, self._plans, augment.crop_padding, cuda, True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen, order = self._epoch_order()

@@ -55,6 +55,27 @@ class Split:
     class_names: list[str]
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How :func:`load_split` keeps a split: decoded in memory, cached on disk, or streamed.
+
+    Attributes:
+        cache: Keep the decoded split in an on-disk cache beside the data (see datacache);
+            generated datasets are never cached.
+        cache_fallback: The cache folder when the data's root is read-only; None: no cache then.
+        stream: Image folders: leave the images on disk as ``streaming.ImageFiles`` (True),
+            decode them into memory (False), or stream above ``max_memory_gb`` (None).
+        max_memory_gb: Decoded size in GiB above which an image folder streams; None: never.
+        workers: Worker processes that decode a streamed image folder.
+    """
+
+    cache: bool = False
+    cache_fallback: str | None = None
+    stream: bool | None = False
+    max_memory_gb: float | None = None
+    workers: int = 2
+
+
 def load_split(
     name: str,
     root: str,
@@ -62,11 +83,7 @@ def load_split(
     download: bool = True,
     bad_images: str = "error",
     *,
-    cache: bool = False,
-    cache_fallback: str | None = None,
-    stream: bool | None = False,
-    max_memory_gb: float | None = None,
-    workers: int = 2,
+    storage: Storage = Storage(),
 ) -> Split:
     """Loads the train or test split of a dataset by name.
 
@@ -77,13 +94,7 @@ def load_split(
         download: Whether torchvision may download missing files.
         bad_images: For image folders: "error" stops at an unreadable file, "skip" counts and
             skips it.
-        cache: Keep the decoded split in an on-disk cache beside the data (see datacache);
-            generated datasets are never cached.
-        cache_fallback: The cache folder when ``root`` is read-only; None skips caching then.
-        stream: Image folders: leave the images on disk as ``streaming.ImageFiles`` (True),
-            decode them into memory (False), or stream above ``max_memory_gb`` (None).
-        max_memory_gb: Decoded size in GiB above which an image folder streams; None: never.
-        workers: Worker processes that decode a streamed image folder.
+        storage: Caching and streaming; the default decodes into memory and caches nothing.
 
     Raises:
         DataError: Unknown name, files missing, unreadable images, or download failed.
@@ -91,17 +102,19 @@ def load_split(
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     try:
-        if name == "imagefolder" and stream is not False:
-            streamed = stream_split(root, train, bad_images, stream, max_memory_gb, workers)
+        if name == "imagefolder" and storage.stream is not False:
+            streamed = stream_split(
+                root, train, bad_images, storage.stream, storage.max_memory_gb, storage.workers
+            )
             if streamed is not None:
                 return Split(*streamed)
         if name == "imagefolder":
             read = partial(read_imagefolder, root, train, bad_images)
         else:
             read = partial(DATASETS[name], root, train, download)
-        if cache and name in SOURCES:
+        if storage.cache and name in SOURCES:
             variant = reader_variant(name, bad_images)
-            return Split(*cached_read(name, root, train, read, cache_fallback, variant))
+            return Split(*cached_read(name, root, train, read, storage.cache_fallback, variant))
         return Split(*read())
     except UnreadableImage as exc:
         raise DataError(str(exc)) from None
@@ -135,11 +148,16 @@ def load_dataset(d: Mapping[str, Any], train: bool, out_dir: str) -> Split:
     ``d`` is ``cfg.dataset``, or a checkpoint's copy of it (older ones lack newer keys).
     Decoded splits are cached beside the data, else under ``out_dir``.
     """
+    storage = Storage(
+        cache=d.get("cache", True),
+        cache_fallback=os.path.join(out_dir, CACHE_DIR),
+        stream=d.get("stream", False),
+        max_memory_gb=d.get("max_memory_gb"),
+        workers=d.get("workers", 2),
+    )
     split = load_split(
         d["name"], d.get("root") or "data", train, d.get("download", True),
-        d.get("bad_images", "error"), cache=d.get("cache", True),
-        cache_fallback=os.path.join(out_dir, CACHE_DIR), stream=d.get("stream", False),
-        max_memory_gb=d.get("max_memory_gb"), workers=d.get("workers", 2),
+        d.get("bad_images", "error"), storage=storage,
     )  # fmt: skip
     if d.get("classes") is not None:
         split = select_classes(split, list(d["classes"]))

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,34 +40,45 @@ class ExportError(Exception):
     """An export that failed or whose output disagrees with PyTorch; the message is one line."""
 
 
+@dataclass(frozen=True)
+class Check:
+    """How :func:`export_model` compares the exported file's output with PyTorch's.
+
+    Attributes:
+        batch: Images in the verification batch.
+        atol: Absolute tolerance of the comparison.
+        rtol: Relative tolerance of the comparison.
+        seed: Seed of the random example and verification batches.
+    """
+
+    batch: int = 4
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    seed: int = 0
+
+
 def export_model(
     model: nn.Module,
     path: str | Path,
     fmt: str,
     input_shape: tuple[int, int, int],
     *,
-    batch: int = 4,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
-    seed: int = 0,
+    check: Check = Check(),
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export ``model`` (a copy: the caller's module is left as it is) and verify the file.
 
     The copy is exported in eval mode, on CPU, in float32, with a dynamic batch axis. It is
-    traced on ``batch + 1`` images and checked on ``batch`` other seeded images, so the check
-    also proves the batch axis is dynamic. The file is written beside ``path`` under a
-    temporary name, verified there, and only then renamed onto ``path``.
+    traced on ``check.batch + 1`` images and checked on ``check.batch`` other seeded images, so
+    the check also proves the batch axis is dynamic. The file is written beside ``path`` under
+    a temporary name, verified there, and only then renamed onto ``path``.
 
     Args:
         model: The bare module to export (e.g. a student), mapping images to logits.
         path: Destination file.
         fmt: One of ``FORMATS``.
         input_shape: One image's (channels, height, width).
-        batch: Images in the verification batch.
-        atol: Absolute tolerance of the comparison with PyTorch.
-        rtol: Relative tolerance of the comparison with PyTorch.
-        seed: Seed of the random example and verification batches.
+        check: Size, seed and tolerances of the comparison with PyTorch.
         overwrite: Replace an existing file at ``path``.
 
     Returns:
@@ -80,6 +92,7 @@ def export_model(
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     shape = tuple(int(s) for s in input_shape)
+    batch = check.batch
     if len(shape) != 3 or min(shape) < 1 or batch < 1:
         raise ValueError(f"need input_shape (C, H, W) and batch >= 1; got {input_shape}, {batch}")
     path = Path(path)
@@ -87,7 +100,7 @@ def export_model(
 
     model = copy.deepcopy(getattr(model, "_orig_mod", model))  # torch.compile wraps the module
     model = model.to("cpu", torch.float32).eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check.seed)
     example = torch.randn(batch + 1, *shape, generator=generator)
     images = torch.randn(batch, *shape, generator=generator)
     with torch.no_grad():
@@ -100,7 +113,7 @@ def export_model(
     result: dict[str, Any] = {}
 
     def verify(tmp: Path) -> None:
-        diff = _compare(run(tmp, images), expected, atol, rtol)
+        diff = _compare(run(tmp, images), expected, check.atol, check.rtol)
         _refuse_existing(path, overwrite)  # in case the file appeared while we exported
         result.update(sha256=sha256(tmp), max_abs_diff=diff)
 

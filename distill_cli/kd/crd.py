@@ -9,12 +9,36 @@ and draws each anchor's negatives: from the other classes where its label is kno
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 NEGATIVES = ("other_class", "uniform")  # how CRD draws the negatives of a labelled anchor
+
+
+@dataclass(frozen=True)
+class NCE:
+    """CRD's noise-contrastive estimation: the ``kd.nce_*`` options, with the paper's defaults.
+
+    Attributes:
+        k: Negatives per positive, capped at the memory bank's rows minus one.
+        t: Temperature of the scores.
+        m: Momentum of the memory update.
+        negatives: How a labelled anchor's negatives are drawn, one of ``NEGATIVES``.
+    """
+
+    k: int = 16384
+    t: float = 0.07
+    m: float = 0.5
+    negatives: str = "other_class"
+
+    def __post_init__(self) -> None:
+        if self.negatives not in NEGATIVES:
+            raise ValueError(
+                f"kd.nce_negatives={self.negatives!r} is invalid; valid: {', '.join(NEGATIVES)}"
+            )
 
 
 class _Embed(nn.Module):
@@ -35,7 +59,7 @@ class CRD(nn.Module):
     positive, ``k`` rows negative) and the other way round; the NCE losses of the two anchors
     are added. The banks hold a momentum average of each sample's embeddings.
 
-    Negatives are drawn with replacement. With ``negatives="other_class"`` (RepDistiller's
+    Negatives are drawn with replacement. With ``nce.negatives="other_class"`` (RepDistiller's
     ``exact`` mode) a labelled anchor's come from the labelled rows of the other classes; an
     unlabelled anchor's (label -1), and every anchor's with ``"uniform"``, from all rows but
     its own.
@@ -45,11 +69,9 @@ class CRD(nn.Module):
         teacher_dim: Size of the teacher feature.
         num_samples: Training-set size: rows of each memory bank.
         feat_dim: Embedding size.
-        nce_k: Negatives per positive, capped at ``num_samples - 1``.
-        nce_t: Temperature of the scores.
-        nce_m: Momentum of the memory update.
+        nce: Negatives per positive (capped at ``num_samples - 1``), temperature, momentum,
+            and how negatives are drawn.
         labels: Class of each row (``num_samples``,), -1 where unknown; None: all unknown.
-        negatives: ``"other_class"`` or ``"uniform"``.
     """
 
     def __init__(
@@ -58,28 +80,21 @@ class CRD(nn.Module):
         teacher_dim: int,
         num_samples: int,
         feat_dim: int = 128,
-        nce_k: int = 16384,
-        nce_t: float = 0.07,
-        nce_m: float = 0.5,
+        nce: NCE = NCE(),
         labels: Tensor | None = None,
-        negatives: str = "other_class",
     ):
         super().__init__()
-        if negatives not in NEGATIVES:
-            raise ValueError(
-                f"kd.nce_negatives={negatives!r} is invalid; valid: {', '.join(NEGATIVES)}"
-            )
         self.embed_student = _Embed(student_dim, feat_dim)
         self.embed_teacher = _Embed(teacher_dim, feat_dim)
-        self.num_samples, self.k = num_samples, min(nce_k, num_samples - 1)
-        self.nce_t, self.nce_m = nce_t, nce_m
+        self.num_samples, self.k = num_samples, min(nce.k, num_samples - 1)
+        self.nce_t, self.nce_m = nce.t, nce.m
         bound = 1 / math.sqrt(feat_dim / 3)  # ContrastMemory's initialisation
         for name in ("memory_student", "memory_teacher"):
             self.register_buffer(name, torch.rand(num_samples, feat_dim) * 2 * bound - bound)
         # NCE normalisation constants; negative until the first batch estimates them
         self.register_buffer("z_student", torch.tensor(-1.0))
         self.register_buffer("z_teacher", torch.tensor(-1.0))
-        if labels is None or negatives == "uniform":
+        if labels is None or nce.negatives == "uniform":
             labels = torch.full((num_samples,), -1, dtype=torch.int64)
         self._index_classes(labels.long().cpu())
 

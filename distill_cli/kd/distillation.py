@@ -24,11 +24,20 @@ from distill_cli import checkpoint as ck
 from distill_cli import rundir
 from distill_cli.config import StageError
 from distill_cli.data import convert, load_dataset, unlabeled_indices
-from distill_cli.kd.features import FEATURE_METHODS, FeatureDistiller, feature_shapes
-from distill_cli.kd.losses import UNLABELLED, distill_loss
+from distill_cli.kd.features import FeatureDistiller, feature_shapes
+from distill_cli.kd.losses import UNLABELLED
+from distill_cli.kd.mixing import MIXERS
+from distill_cli.kd.step import (
+    CachedTeacher,
+    DistillStep,
+    LiveTeacher,
+    Mixing,
+    refuse_mixing,
+    teacher_features,
+)
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
 from distill_cli.kd.teacher_prep import COMPILE_AFTER_S, PreparedTeacher, resolve
-from distill_cli.kd.temperature import CurriculumTemperature, curriculum_strength
+from distill_cli.kd.terms import Context, Term, build_terms
 
 log = logging.getLogger("distill_cli")
 
@@ -36,38 +45,69 @@ __all__ = ["UNLABELLED", "NormalisedTeacher", "Objective", "objective", "source_
            "unlabeled_images", "with_own_normalisation"]  # fmt: skip
 
 
+class Pools(NamedTuple):
+    """The transfer set's unlabelled images, and those held out from them (never trained on)."""
+
+    images: torch.Tensor  # to train on
+    used: dict[str, list[int]]  # their indices, by pool: "target", "source"
+    source: str | None  # the source dataset's name, when its images join
+    held_out: torch.Tensor  # held out to measure fidelity to the teacher
+    held_used: dict[str, list[int]]  # their indices, by pool
+
+
+FIDELITY_IMAGES = 1000  # held out by default when stage.select=fidelity
+
+
+def fidelity_images(stage: DictConfig) -> int:
+    """How many unlabelled images ``stage`` holds out (``stage.fidelity_images``)."""
+    n = stage.get("fidelity_images")
+    if n is None:
+        return FIDELITY_IMAGES if stage.get("select") == "fidelity" else 0
+    return n
+
+
 def unlabeled_images(
     cfg: DictConfig, x: torch.Tensor, exclude: torch.Tensor, teacher_path: str
-) -> tuple[torch.Tensor, dict[str, list[int]], str | None]:
+) -> Pools:
     """The unlabelled images ``stage.transfer_set`` adds to the labelled subset.
+
+    ``stage.fidelity_images`` of them (a seeded sample of the target's pool, or of the
+    source's when the target adds none) are held out: never trained on, they measure the
+    student's fidelity to its teacher.
 
     Args:
         cfg: The stage's config (reads ``stage.transfer_set``, ``stage.unlabeled_limit``).
         x: The target's training split, uint8 (N, C, H, W), already converted.
         exclude: Indices of ``x`` that are labelled or held out for validation.
         teacher_path: The teacher checkpoint, whose lineage names the source dataset.
-
-    Returns:
-        (images, {"target": indices, "source": indices}, source dataset name or None).
     """
     transfer, limit = cfg.stage.transfer_set, cfg.stage.unlabeled_limit
-    seed = cfg.dataset.subset_seed
-    parts, used, source_name = [], {}, None
+    seed, n_held = cfg.dataset.subset_seed, fidelity_images(cfg.stage)
+    parts, used, held, held_used, source_name = [], {}, [], {}, None
+    pools = {}  # name -> (images, indices to skip, conversion to the target's shape)
     if transfer in ("target", "source+target"):
-        idx = unlabeled_indices(len(x), exclude, limit, seed)
-        parts.append(x[idx])
-        used["target"] = idx.tolist()
+        pools["target"] = (x, exclude, lambda images: images)
     if transfer in ("source", "source+target"):
         source = source_dataset(teacher_path, cfg.dataset.name)
         source_name = source["name"]
         split = load_dataset(source, True, cfg.out_dir)
-        idx = unlabeled_indices(len(split.x), torch.empty(0, dtype=torch.int64), limit, seed)
-        parts.append(convert(split.x[idx], x.shape[-1], x.shape[1]))
-        used["source"] = idx.tolist()
+        pools["source"] = (split.x, torch.empty(0, dtype=torch.int64),
+                           lambda images: convert(images, x.shape[-1], x.shape[1]))  # fmt: skip
+    for name, (images, skip, prepare) in pools.items():
+        if n_held and not held:  # the first pool: the target's when it joins
+            idx = unlabeled_indices(len(images), skip, n_held, seed + 1)
+            held.append(prepare(images[idx]))
+            held_used[name] = idx.tolist()
+            skip = torch.cat([skip, idx])
+        idx = unlabeled_indices(len(images), skip, limit, seed)
+        parts.append(prepare(images[idx]))
+        used[name] = idx.tolist()
     images = torch.cat(parts) if parts else x[:0]
-    log.info("transfer set %s: %d unlabelled images added (%s)", transfer, len(images),
-             ", ".join(f"{k} {len(v)}" for k, v in used.items()) or "none")  # fmt: skip
-    return images, used, source_name
+    log.info("transfer set %s: %d unlabelled images added (%s)%s", transfer, len(images),
+             ", ".join(f"{k} {len(v)}" for k, v in used.items()) or "none",
+             "".join(f"; {len(v)} {k} images held out for fidelity" for k, v in
+                     held_used.items()))  # fmt: skip
+    return Pools(images, used, source_name, torch.cat(held) if held else x[:0], held_used)
 
 
 def source_dataset(teacher_path: str | Path, target: str) -> dict:
@@ -184,107 +224,112 @@ def objective(
     device: torch.device,
     cache_at: tuple[Path, dict] | None = None,
 ) -> Objective:
-    """The distillation loss function for :func:`training.fit`, its adapters and teacher cache.
+    """The distill step (:class:`step.DistillStep`) for :func:`training.fit`, and its parts.
+
+    Builds the parts in the order a step runs them: input mixing (``stage.mix``), the teacher's
+    targets (the prepared teacher, or the teacher cache for unmixed batches), and the loss terms
+    of the ``kd`` method, which say which features the two models must give.
 
     Args:
-        cfg: The stage's config (reads the ``kd`` group and ``stage.epochs``).
+        cfg: The stage's config (reads the ``kd`` group and ``stage``).
         teacher: The frozen teacher, in eval mode (a :class:`NormalisedTeacher` where its
             statistics differ from the student's).
         student: The student being trained.
-        train: The training loader; its ``epoch`` drives ``kd.warmup_fraction`` and CTKD's
-            curriculum, its ``last_index`` gives CRD each image's memory-bank row (and its
-            ``labels`` each row's class) and, with ``last_view``, the teacher cache its entry.
+        train: The training loader; its ``epoch`` drives the schedules, its ``last_index`` gives
+            CRD each image's memory-bank row (and its ``labels`` each row's class) and, with
+            ``last_view``, the teacher cache its entry.
         shape: (channels, height, width) of the images.
         device: Where the adapters live.
         cache_at: (file, key parts) of the teacher cache from ``stages.cache_location``; None runs
             the teacher on every batch.
     """
-    kd = OmegaConf.to_container(cfg.kd)
-    method, ce_w, kd_w = kd.pop("name"), kd.pop("ce_weight"), kd.pop("kd_weight")
-    feat_w = kd.pop("feat_weight", 0.0)
-    # the logit term ramps up linearly over this many epochs (mdistiller's DKD: 20 of 240)
-    warmup = kd.pop("warmup_fraction", 0.0) * cfg.stage.epochs
-    distiller, teacher_shapes, temperature, record = None, {}, None, {}
-    if method in FEATURE_METHODS:
-        logit_method, logit_options = "kd", {"temperature": kd.pop("temperature")}
-        labels = train.labels if method == "crd" else None  # CRD draws negatives by class
-        c, size, _ = shape
-        teacher_shapes = feature_shapes(teacher, c, size)
-        try:
-            distiller = FeatureDistiller(
-                method, feature_shapes(student, c, size), teacher_shapes,
-                num_samples=train.num_samples, labels=labels, **kd,
-            ).to(device)  # fmt: skip
-        except ValueError as exc:  # a method that cannot apply to these models: one line
-            raise StageError(str(exc)) from None
-        record = distiller.record
-        log.info(
-            "kd=%s: student %s, teacher %s%s",
-            method,
-            distiller.student_layers,
-            distiller.teacher_layers,
-            "".join(f"; {k} {v}" for k, v in record.items()),
-        )
-    elif method == "ctkd":
-        temperature = CurriculumTemperature(kd.pop("t_min"), kd.pop("t_range")).to(device)
-        grl = {"fraction": kd.pop("grl_fraction"), "max_strength": kd.pop("grl_max")}
-        logit_method, logit_options = method, kd
-    else:
-        logit_method, logit_options = method, kd
-    names = list(distiller.teacher_layers) if distiller is not None else []
-    per_image = teacher.num_classes + sum(math.prod(teacher_shapes[n]) for n in names)
+    mixing = _mixing(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}  # the teacher's feature shapes, once a term asks
+
+    def teacher_shapes() -> dict[str, tuple[int, ...]]:
+        if not shapes:
+            shapes.update(feature_shapes(teacher, shape[0], shape[1]))
+        return shapes
+
+    terms = _terms(cfg, (teacher, student), train, shape, device, teacher_shapes)
+    if mixing is not None:
+        _refuse(refuse_mixing, terms, cfg.kd.name)
+        if cache_at is not None:
+            log.info("teacher cache off: stage.mix=%s gives the teacher new images at every "
+                     "step", mixing.name)  # fmt: skip
+        cache_at = None
+    names = teacher_features(terms)
+    per_image = teacher.num_classes + sum(math.prod(teacher_shapes()[n]) for n in names)
     if cache_at is not None and not _cache_fits(cfg, per_image, names, train):
         cache_at = None
     prepared = _prepared_teacher(
         cfg, teacher, names, device, _teacher_forwards(cfg, train, cache_at)
     )
-    if cache_at is not None and prepared.asked == "auto":  # keep what a sweep already cached
+    cache = _cache(cache_at, prepared, names, train, device)
+    source = LiveTeacher(prepared) if cache is None else CachedTeacher(cache)
+    step = DistillStep(train, source, terms, mixing)
+    return Objective(step, step.modules(), cache, prepared, step.summary)
+
+
+def _mixing(cfg: DictConfig) -> Mixing | None:
+    """``stage.mix``: None for ``none`` (or a config from before mixing)."""
+    name = cfg.stage.get("mix") or "none"
+    if name == "none":
+        return None
+    if name not in MIXERS:
+        raise StageError(f"stage.mix={name} is not a mixing; valid: none, {', '.join(MIXERS)}")
+    log.info("input mixing: %s with Beta(%g, %g) weights, teacher and student on the same "
+             "mixed batch", name, cfg.stage.mix_alpha, cfg.stage.mix_alpha)  # fmt: skip
+    return Mixing(name, cfg.stage.mix_alpha)
+
+
+def _terms(cfg, models, train, shape, device, teacher_shapes) -> list[Term]:
+    """The loss terms of ``cfg.kd`` (see ``terms.build_terms``); a refusal is one line.
+
+    ``models`` is (teacher, student); ``teacher_shapes()`` gives the teacher's feature shapes.
+    """
+    c, size, _ = shape
+
+    def feature_distiller(method: str, options: dict) -> FeatureDistiller:
+        distiller = FeatureDistiller(
+            method, feature_shapes(models[1], c, size), teacher_shapes(),
+            num_samples=train.num_samples, labels=train.labels, **options,
+        ).to(device)  # fmt: skip
+        log.info("kd=%s: student %s, teacher %s%s", method, distiller.student_layers,
+                 distiller.teacher_layers,
+                 "".join(f"; {k} {v}" for k, v in distiller.record.items()))  # fmt: skip
+        return distiller
+
+    context = Context(_epochs(cfg), feature_distiller, device)
+    return _refuse(build_terms, OmegaConf.to_container(cfg.kd), context)
+
+
+def _refuse(build: Callable, *args):
+    """``build(*args)``, with a ValueError (a method that cannot apply) as a one-line StageError."""
+    try:
+        return build(*args)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+
+
+def _epochs(cfg: DictConfig) -> int:
+    """The stage's epochs: passes over the transfer set with ``stage.transfer_epochs``."""
+    return cfg.stage.get("transfer_epochs") or cfg.stage.epochs
+
+
+def _cache(cache_at, prepared: PreparedTeacher, names, train, device) -> TeacherCache | None:
+    """The teacher cache at ``cache_at``, its key the preparation actually running; or None."""
+    if cache_at is None:
+        return None
+    if prepared.asked == "auto":  # keep what a sweep already cached
         prepared.cached = next((p for p in ("fold", "compile") if _cache_file(
             cache_at, names, prepared.key(p)).exists()), None)  # fmt: skip
-
-    def teacher_outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return prepared(x)
-
-    if cache_at is not None and prepared.checked is None:  # the cache key records the outcome:
+    if prepared.checked is None:  # the cache key records the outcome:
         batch = next(iter(train), None)  # compare with the plain teacher before the first step
         if batch is not None:
-            teacher_outputs(batch[0])
-    cache = None
-    if cache_at is not None:
-        file = _cache_file(cache_at, names, prepared.key())
-        cache = TeacherCache(teacher_outputs, train.num_samples, file, file.stem, device)
-
-    def loss_fn(model, x, y):
-        ramp = min(1.0, train.epoch / warmup) if warmup else 1.0
-        if cache is None:
-            out = teacher_outputs(x)
-        else:
-            out = cache(x, train.last_index, train.last_view)
-        if distiller is None:
-            logits = model(x)
-        else:
-            logits, student_feats = model.forward_with_features(x)
-        options = logit_options
-        if temperature is not None:
-            strength = curriculum_strength(train.epoch, cfg.stage.epochs, **grl)
-            options = {**logit_options, "temperature": temperature(strength)}
-        parts = distill_loss(logits, out["logits"], y, logit_method, ce_w, kd_w * ramp,
-                             **options)  # fmt: skip
-        if temperature is not None:
-            parts["temperature"] = options["temperature"].detach()
-        if distiller is not None:
-            parts["feat"] = distiller(student_feats, out, train.last_index)
-            parts["loss"] = parts["loss"] + feat_w * ramp * parts["feat"]
-        return logits, parts
-
-    def summary() -> dict:
-        if temperature is None:
-            return dict(record)
-        with torch.no_grad():
-            return {**record, "ctkd_temperature": round(temperature(0.0).item(), 4)}
-
-    adapters = distiller if distiller is not None else temperature
-    return Objective(loss_fn, adapters, cache, prepared, summary)
+            prepared(batch[0])
+    file = _cache_file(cache_at, names, prepared.key())
+    return TeacherCache(prepared, train.num_samples, file, file.stem, device)
 
 
 def _prepared_teacher(cfg, teacher, names, device, forwards: int = 0) -> PreparedTeacher:
@@ -310,7 +355,7 @@ def _teacher_forwards(cfg, train, cache_at) -> int:
     epochs (later ones hit it).
     """
     views = cfg.stage.get("aug_views") if cache_at is not None else None
-    epochs = cfg.stage.epochs if not views else min(cfg.stage.epochs, views)
+    epochs = _epochs(cfg) if not views else min(_epochs(cfg), views)
     return epochs * len(train)
 
 
@@ -319,7 +364,7 @@ def _cache_fits(cfg, per_image, names, train) -> bool:
 
     ``per_image`` is the number of values cached per (view, image): logits and ``names``.
     """
-    seen = cfg.stage.epochs * len(train) * train.batch_size
+    seen = _epochs(cfg) * len(train) * train.batch_size
     if cfg.stage.aug_views:
         seen = min(seen, cfg.stage.aug_views * train.num_samples)
     if 4 * per_image * seen > CACHE_BUDGET_BYTES:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill_cli.kd.crd import CRD
+from distill_cli.kd.crd import CRD, NCE
 
 _WITHOUT_MAPS = "use kd=sp, rkd, pkt, crd or a logit method (e.g. kd, dkd, dist)"
 
@@ -223,12 +223,15 @@ class Method:
             the teacher's feature names; creates the method's adapters on the distiller.
         loss: ``(distiller, student_feats, teacher_feats, index)`` -> the unweighted loss.
         needs_maps: Whether both models must have convolutional feature maps.
+        needs_index: Whether the loss reads each image's row in the training set (CRD's memory
+            bank): such a method cannot distill mixed images.
     """
 
     options: dict[str, object]
     setup: Callable[..., tuple[list[str], list[str]]]
     loss: Callable[..., Tensor]
     needs_maps: bool = False
+    needs_index: bool = False
 
 
 def _fitnet_setup(d, s_shapes, t_shapes, num_samples):
@@ -264,11 +267,13 @@ def _crd_setup(d, s_shapes, t_shapes, num_samples):
         math.prod(t_shapes["pooled"]),
         num_samples,
         feat_dim=int(opts["feat_dim"]),
-        nce_k=int(opts["nce_k"]),
-        nce_t=float(opts["nce_t"]),
-        nce_m=float(opts["nce_m"]),
+        nce=NCE(
+            k=int(opts["nce_k"]),
+            t=float(opts["nce_t"]),
+            m=float(opts["nce_m"]),
+            negatives=str(opts["nce_negatives"]),
+        ),
         labels=d.labels,
-        negatives=str(opts["nce_negatives"]),
     )
     d.record = {"crd_negatives": dict(d.crd.negative_draws)}
     return _pooled(d, s_shapes, t_shapes, num_samples)
@@ -286,7 +291,7 @@ METHODS: dict[str, Method] = {
     "pkt": Method({}, _pooled, lambda d, s, t, i: pkt_loss(s[0], t[0])),
     "crd": Method({"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5,
                    "nce_negatives": "other_class"}, _crd_setup,
-                  lambda d, s, t, i: d.crd(s[0], t[0], i)),
+                  lambda d, s, t, i: d.crd(s[0], t[0], i), needs_index=True),
 }  # fmt: skip
 FEATURE_METHODS: tuple[str, ...] = tuple(METHODS)
 OPTIONS: dict[str, dict[str, object]] = {name: m.options for name, m in METHODS.items()}

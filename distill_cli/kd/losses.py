@@ -166,6 +166,57 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
 
 
+def mixed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of mixed images against both of their labels (mixup's label term).
+
+    Image ``i`` is ``lam[i]`` itself and ``1 - lam[i]`` its ``partner[i]``: its loss is
+    ``lam * CE(y_i) + (1 - lam) * CE(y_partner)``, each side counted only where that image has a
+    label. The sum is divided by the labelled weight, so unmixed images (``lam = 1``) give
+    :func:`masked_cross_entropy`.
+    """
+    logits = logits.float()
+    own = lam.float() * (labels != UNLABELLED)
+    other = (1 - lam.float()) * (labels[partner] != UNLABELLED)
+    ce_own = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    ce_other = F.cross_entropy(logits, labels[partner].clamp(min=0), reduction="none")
+    weight = (own + other).sum().clamp(min=1e-12)
+    return (own * ce_own + other * ce_other).sum() / weight
+
+
+def check_logit_method(method: str, logit_standardize: bool = False) -> None:
+    """Raises ValueError for an unknown method or a standardization it does not take."""
+    if method not in LOGIT_METHODS:
+        raise ValueError(f"unknown kd method '{method}'; valid: {', '.join(LOGIT_METHODS)}")
+    if logit_standardize and method not in STANDARDIZED:
+        raise ValueError(
+            f"kd.logit_standardize=true does not apply to kd={method}; methods it applies to: "
+            f"{', '.join(STANDARDIZED)}"
+        )
+
+
+def logit_term(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    method: str,
+    logit_standardize: bool = False,
+    **options: float | torch.Tensor,
+) -> torch.Tensor:
+    """The unweighted distillation term of a logit method.
+
+    Labels of -1 mark samples without a class: DKD takes the teacher's top class as their
+    target. With ``logit_standardize`` both models' logits are z-scored first
+    (:func:`standardize`).
+    """
+    check_logit_method(method, logit_standardize)
+    targets = torch.where(labels == UNLABELLED, teacher.argmax(1), labels)
+    if logit_standardize:
+        student, teacher = standardize(student), standardize(teacher)
+    return LOGIT_METHODS[method](student, teacher, targets, **options)
+
+
 def distill_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -179,23 +230,12 @@ def distill_loss(
     """Weighted sum of the label cross-entropy and a logit distillation term.
 
     Labels of -1 mark unlabelled samples: they are left out of the cross-entropy but still
-    distilled; DKD takes the teacher's top class as their target. With ``logit_standardize``
-    the distillation term reads the z-scored logits of both models (:func:`standardize`); the
-    cross-entropy always reads the student's own.
+    distilled (:func:`logit_term`); the cross-entropy always reads the student's own logits.
 
     Returns:
         ``{"loss": total, "ce": unweighted cross-entropy, "kd": unweighted distillation term}``.
     """
-    if method not in LOGIT_METHODS:
-        raise ValueError(f"unknown kd method '{method}'; valid: {', '.join(LOGIT_METHODS)}")
-    if logit_standardize and method not in STANDARDIZED:
-        raise ValueError(
-            f"kd.logit_standardize=true does not apply to kd={method}; methods it applies to: "
-            f"{', '.join(STANDARDIZED)}"
-        )
+    check_logit_method(method, logit_standardize)
     ce = masked_cross_entropy(student, labels)
-    targets = torch.where(labels == UNLABELLED, teacher.argmax(1), labels)
-    if logit_standardize:
-        student, teacher = standardize(student), standardize(teacher)
-    kd = LOGIT_METHODS[method](student, teacher, targets, **options)
+    kd = logit_term(student, teacher, labels, method, logit_standardize, **options)
     return {"loss": ce_weight * ce + kd_weight * kd, "ce": ce, "kd": kd}

@@ -182,7 +182,7 @@ CS_S_EPOCHS_250 := 30
 CS_EXTRA ?=
 CS_RUNS := $(foreach k,$(CS_SHOTS),$(foreach s,$(CS_SEEDS),cifar_split_k$(k)_seed$(s)))
 
-cifar-split: outputs/cifar_split/report.md ## CIFAR-10 animals -> vehicles: shots curve, 3 seeds, report + plots (~70 min)
+cifar-split: outputs/cifar_split/report.md ## CIFAR-10 animals -> vehicles: shots curve, 3 seeds, report + plots (~2.5 h with -j2)
 
 $(CS_TEACHER_CKPT): | $(STAMP) $(CIFAR10)/.extracted
 	$(CLI) pretrain run=cifar_split seed=0 overwrite=true $(CS_SOURCE) model=$(CS_TEACHER) \
@@ -227,8 +227,11 @@ $(CS)/scratch_student/metrics.json: $(CS_TEACHER_CKPT)
 $(CS)/fm_target/metrics.json: $(CS)/finetune/metrics.json
 	$(CLI) distill $(FM) $(call cs_args,$*) tag=fm_target
 
+# The source's 30,000 training images (1,000 held out) and the labelled few: 6 passes are about
+# the images (and steps) of fm_target's 10 passes over the target's 19,000.
 $(CS)/fm_source/metrics.json: $(CS)/finetune/metrics.json
-	$(CLI) distill $(FM) $(call cs_args,$*) tag=fm_source stage.transfer_set=source
+	$(CLI) distill $(FM) $(call cs_args,$*) tag=fm_source stage.transfer_set=source \
+	    stage.transfer_epochs=6
 
 # As many optimizer steps as fm_target took (an epoch of the labelled subset is
 # max(1, n_train // 32) steps), at the same learning rate, on the labelled images alone.
@@ -237,8 +240,15 @@ $(CS)/scratch_student_long/metrics.json: $(CS)/fm_target/metrics.json
 	    model=$(CS_STUDENT) tag=scratch_student_long stage.epochs=$$($(BIN)/python -c \
 	    "import json; m = json.load(open('$<')); print(max(1, round(m['steps'] / max(1, m['n_train'] // 32))))")
 
+# Every stage's best.pt on the test split; then the function-matching students' best_val.pt
+# (the epoch labelled validation would have kept; best.pt is the fidelity pick) in folders of
+# their own. `.venv/bin/python bench/fm_table.py` prints the tables of docs/results.md.
 $(CS)/eval/metrics.json: $(foreach t,$(CS_STAGES),$(CS)/$(t)/metrics.json)
 	$(CLI) eval run=cifar_split_$* stage.plots=false $(CS_EXTRA)
+	$(CLI) eval run=cifar_split_$* tag=eval_fm_val overwrite=true stage.plots=false $(CS_EXTRA) \
+	    stage.from=outputs/cifar_split_$*/fm_target/best_val.pt
+	$(CLI) eval run=cifar_split_$* tag=eval_fm_source_val overwrite=true stage.plots=false \
+	    stage.from=outputs/cifar_split_$*/fm_source/best_val.pt $(CS_EXTRA)
 
 # The stages' metrics.json are targets of their own, never intermediate files to delete.
 .SECONDARY:

@@ -69,6 +69,20 @@ class Stage:
         """
         return load_dataset(d, train, self.cfg.out_dir)
 
+    def read_parent(self, stage: str) -> tuple[Path, dict]:
+        """The checkpoint this stage builds on, recorded as the manifest's parent.
+
+        Found from ``stage.from`` or the run folder (``rundir.stage_input``); the copy read
+        before the claim to inherit its dataset is reused, not read twice.
+        """
+        path = rundir.stage_input(self.run_dir, stage, self.cfg.stage["from"])
+        read = self.parent is not None and self.parent[0] == path
+        ckpt = self.parent[1] if read else ck.load_checkpoint(path)
+        self.parent = None
+        self.manifest["parent"] = {"path": str(path), "sha256": ck.sha256(path)}
+        self.write_manifest()
+        return path, ckpt
+
     def write_manifest(self) -> None:
         """Persist the manifest (called after every change worth keeping)."""
         if self.main:

@@ -353,15 +353,10 @@ def _load_parent(st: Stage, stage: str) -> tuple[torch.nn.Module, dict]:
     Returns:
         The model, and the normalisation it was trained with: ``{"mean", "std", "dataset"}``.
     """
-    path = ck.stage_input(st.run_dir, stage, st.cfg.stage["from"])
-    read = st.parent is not None and st.parent[0] == path  # read already for its dataset
-    ckpt = st.parent[1] if read else ck.load_checkpoint(path)
+    path, ckpt = st.read_parent(stage)
     model = ck.model_from_checkpoint(ckpt, path)
     stats = {"mean": ckpt.get("mean"), "std": ckpt.get("std"),
              "dataset": (ckpt.get("dataset") or {}).get("name")}  # fmt: skip
-    st.parent = None
-    st.manifest["parent"] = {"path": str(path), "sha256": ck.sha256(path)}
-    st.write_manifest()
     log.info("%s from %s (%s, %d parameters)", "teacher" if stage == "distill" else "weights",
              path, model.config["name"], count_params(model))  # fmt: skip
     return model, stats
@@ -504,11 +499,10 @@ def _validation(st: Stage, data: Data, teacher) -> Validation | None:
     """What a distill stage validates on: labels, and the fidelity on held-out images if any."""
     if data.fidelity is None:
         return None
-    fidelity = Fidelity(data.fidelity, teacher)
     select = st.cfg.stage.get("select") or "val"
     if data.val is None and select == "val":
-        select = "fidelity"  # nothing labelled held out: fidelity is all there is to select on
-    return Validation(data.val, fidelity, select)
+        return None  # nothing labelled held out: the last epoch is kept, as without fidelity
+    return Validation(data.val, Fidelity(data.fidelity, teacher), select)
 
 
 def _merge(first: dict, second: dict) -> dict:

@@ -4,19 +4,20 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from distill_cli import checkpoint as ck
-from distill_cli.config import check
+from distill_cli.config import KD_METHODS, check
 from distill_cli.data import BatchLoader, Normalise
+from distill_cli.kd.features import METHODS
+from distill_cli.kd.losses import LOGIT_METHODS
 from distill_cli.selection import Fidelity, Validation
 from distill_cli.stages import StageError, _transfer_steps, run_stage
 from distill_cli.training import Checkpointing, Reporting, Schedule, Step, build_scheduler, fit
-from tests.conftest import TINY
+from tests.conftest import TINY, signal_mid_epoch_2
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
 SRC = ["dataset=glyphs_source", *TINY]
@@ -144,6 +145,20 @@ def test_fidelity_picks_the_epoch_that_agrees_with_the_teacher_in_a_crafted_case
     assert ("best", 2) in saved and ("best_val", 1) in saved
 
 
+def test_only_crd_reads_image_rows_so_every_other_method_can_mix():
+    assert sorted(m for m, spec in METHODS.items() if spec.needs_index) == ["crd"]
+    assert set(KD_METHODS) == set(LOGIT_METHODS) | set(METHODS)  # logit terms read no rows
+
+
+# one logit method, one with a warm-up, the learned temperature, a feature method with adapters
+@pytest.mark.parametrize("method", ["kd", "dkd", "ctkd", "fitnet"])
+def test_methods_distill_mixed_images(make_cfg, teacher, method):
+    folder = _distill(make_cfg, teacher, *POOL, f"kd={method}", "stage.mix=cutmix",
+                      "stage.epochs=1", tag=f"mix_{method}")  # fmt: skip
+    row = _rows(folder)[0]
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("train_"))
+
+
 def test_fidelity_without_unlabelled_images_is_one_line(make_cfg, teacher):
     with pytest.raises(StageError, match="stage.select=fidelity needs unlabelled images"):
         _distill(make_cfg, teacher, "stage.select=fidelity", tag="nofid")
@@ -178,14 +193,7 @@ def test_sigkill_in_a_mixed_run_then_resume_equals_an_uninterrupted_run(tmp_path
     assert whole.returncode == 0, whole.stderr[-2000:]
     folder = tmp_path / "outputs" / "s" / "cut"
     proc = _mixed_cli(tmp_path, teacher, "tag=cut", wait=False)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-        (folder / "metrics.jsonl").exists() and (folder / "metrics.jsonl").read_text().strip()
-    ):
-        time.sleep(0.01)
-    epoch_time = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["epoch_time_s"]
-    time.sleep(epoch_time / 2)
-    proc.send_signal(signal.SIGKILL)
+    signal_mid_epoch_2(proc, folder, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert len(_rows(folder)) < 3  # it stopped before the end
     resumed = _mixed_cli(tmp_path, teacher, "tag=cut", "stage.resume=true")
@@ -198,3 +206,16 @@ def test_sigkill_in_a_mixed_run_then_resume_equals_an_uninterrupted_run(tmp_path
     timing = {"epoch_time_s", "images_per_sec"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(_rows(tmp_path / "outputs" / "s" / "whole")) == strip(_rows(folder))
+
+
+def test_the_source_of_a_class_split_is_found_by_its_classes(make_cfg):
+    # one dataset, two sets of classes (as the CIFAR-10 split): the source is the other classes
+    data = ["dataset=glyphs_target", "model=resnet8", "stage.epochs=1", "stage.batch_size=16"]
+    _run(make_cfg, "stage=pretrain", "run=split", *data, "dataset.classes=[0,1,2,3,4]")
+    _run(make_cfg, "stage=finetune", "run=split", *data, "dataset.classes=[5,6,7,8,9]",
+         "dataset.shots=3")  # fmt: skip
+    cfg = _run(make_cfg, "stage=distill", "run=split", "model=cnn", "stage.epochs=1",
+               "stage.transfer_set=source", "stage.unlabeled_limit=30")  # fmt: skip
+    folder = Path(cfg.out_dir) / "split" / "distill"
+    data = json.loads((folder / "manifest.json").read_text())["data"]
+    assert data["source_dataset"] == "glyphs_target" and data["n_unlabeled_source"] == 30

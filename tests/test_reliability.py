@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from distill_cli import rundir
 from distill_cli.config import check
 from distill_cli.stages import StageError, run_stage
 from distill_cli.training import TrainingError
+from tests.conftest import signal_mid_epoch_2
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
 # Deterministic, and long enough per epoch (about 1 s) for a kill to land inside one.
@@ -59,14 +59,7 @@ def _interrupt(cwd: Path, sig: int, tag: str, *extra: str) -> subprocess.Complet
     folder = cwd / "outputs" / "r" / tag
     args = [CLI, *RUN, f"tag={tag}", *extra]
     proc = subprocess.Popen(args, cwd=cwd, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-        (folder / "metrics.jsonl").exists() and (folder / "metrics.jsonl").read_text().strip()
-    ):
-        time.sleep(0.01)
-    epoch_time = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["epoch_time_s"]
-    time.sleep(epoch_time / 2)
-    proc.send_signal(sig)
+    signal_mid_epoch_2(proc, folder, sig)  # shared with test_function_matching (issue 20)
     _, err = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
 

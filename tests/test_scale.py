@@ -1,5 +1,6 @@
 """Sweeps and scale: an Optuna search, the local and SLURM launchers, TensorBoard and MLflow."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,18 @@ from distill_cli.config import LOGGERS, RULES, ConfigError, check
 from distill_cli.stages import run_stage
 from distill_cli.trackers import Tracker
 
+
+def _needs(module: str, extra: str):
+    """Skip, with the reason, where an optional extra is not installed (a bare GPU machine)."""
+    missing = importlib.util.find_spec(module.split(".")[0]) is None or (
+        "." in module and importlib.util.find_spec(module) is None
+    )
+    return pytest.mark.skipif(missing, reason=f"needs {module}: pip install 'distill-cli[{extra}]'")
+
+
+OPTUNA = _needs("hydra_plugins.hydra_optuna_sweeper", "sweep")
+JOBLIB = _needs("hydra_plugins.hydra_joblib_launcher", "sweep")
+
 CLI = str(Path(sys.executable).parent / "distill-cli")
 TINY = ["dataset=glyphs_target", "dataset.shots=3", "model=cnn", "stage.batch_size=32"]
 
@@ -41,6 +54,7 @@ def rows(folder: Path) -> list[dict]:
 # --- hyper-parameter search -------------------------------------------------------------------
 
 
+@OPTUNA
 def test_optuna_search_returns_each_trials_validation_accuracy(make_cfg, tmp_path):
     run_stage(make_cfg("stage=pretrain", "run=r", *TINY, "stage.epochs=1"))  # the teacher
     cli_ok("distill", "-m", "hydra/sweeper=distill_optuna", "hydra.sweeper.n_trials=2", "run=r",
@@ -59,6 +73,7 @@ def test_optuna_search_returns_each_trials_validation_accuracy(make_cfg, tmp_pat
     assert 1.0 <= winner.kd.temperature <= 8.0 and winner.stage.epochs == 1
 
 
+@OPTUNA
 def test_preflight_checks_a_search_space_at_its_ends():
     base = ["stage=distill", "hydra/sweeper=distill_optuna"]
     preflight([*base, "kd.temperature=interval(1.0, 8.0)", "model=choice(cnn,resnet8)"])
@@ -70,6 +85,7 @@ def test_preflight_checks_a_search_space_at_its_ends():
         preflight([*base, "stage.epochs=-2"])
 
 
+@OPTUNA
 def test_preflight_checks_the_yaml_search_space(monkeypatch, tmp_path):
     shutil.copytree(conf_dir(), tmp_path / "conf")
     sweeper = tmp_path / "conf" / "hydra" / "sweeper" / "distill_optuna.yaml"
@@ -82,6 +98,7 @@ def test_preflight_checks_the_yaml_search_space(monkeypatch, tmp_path):
     preflight(["stage=distill", "hydra/sweeper=distill_optuna", "optimizer.lr=0.05"])  # fixed
 
 
+@OPTUNA
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -104,6 +121,7 @@ def test_a_missing_plugin_names_the_extra(monkeypatch):
 # --- launchers --------------------------------------------------------------------------------
 
 
+@JOBLIB
 def test_local_launcher_runs_a_multirun_in_worker_processes(tmp_path):
     cli_ok("pretrain", "-m", "hydra/launcher=local", "run=r", *TINY, "stage.epochs=1", "seed=0,1",
            cwd=tmp_path)  # fmt: skip
@@ -114,6 +132,7 @@ def test_local_launcher_runs_a_multirun_in_worker_processes(tmp_path):
         assert json.loads((job / "manifest.json").read_text())["status"] == "completed"
 
 
+@JOBLIB
 def test_killing_a_local_sweep_stops_its_workers_resumably(tmp_path):
     proc = subprocess.Popen(
         [CLI, "pretrain", "-m", "hydra/launcher=local", "run=r", *TINY, "stage.epochs=2000",
@@ -198,6 +217,7 @@ def test_a_missing_tracker_package_is_one_line(make_cfg, monkeypatch):
         check(make_cfg("logger=mlflow"))
 
 
+@_needs("tensorboard", "track")
 def test_tensorboard_holds_the_metrics_jsonl_values(make_cfg):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -214,6 +234,7 @@ def test_tensorboard_holds_the_metrics_jsonl_values(make_cfg):
     assert "config/text_summary" in events.Tags()["tensors"]
 
 
+@_needs("mlflow", "track")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy's, inside MLflow
 def test_mlflow_holds_the_metrics_and_the_resolved_config(make_cfg):
     from mlflow import MlflowClient
@@ -252,6 +273,7 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(caplog):
     assert "broken: disk full; it gets no more epochs" in caplog.text
 
 
+@_needs("mlflow", "track")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_resumed_stage_continues_its_mlflow_run(tmp_path):
     from mlflow import MlflowClient

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -88,7 +88,7 @@ def unlabeled_images(
     if transfer in ("target", "source+target"):
         pools["target"] = (x, exclude, lambda images: images)
     if transfer in ("source", "source+target"):
-        source = source_dataset(teacher_path, cfg.dataset.name)
+        source = source_dataset(teacher_path, cfg.dataset)
         source_name = source["name"]
         split = load_dataset(source, True, cfg.out_dir)
         pools["source"] = (split.x, torch.empty(0, dtype=torch.int64),
@@ -110,26 +110,38 @@ def unlabeled_images(
     return Pools(images, used, source_name, torch.cat(held) if held else x[:0], held_used)
 
 
-def source_dataset(teacher_path: str | Path, target: str) -> dict:
+def source_dataset(teacher_path: str | Path, target: Mapping) -> dict:
     """The dataset config the teacher was pretrained on, found through its checkpoints' lineage.
 
     Walks from the teacher checkpoint up its stage folders' ``manifest.json`` parents to the
-    first checkpoint trained on a dataset other than ``target``.
+    first checkpoint trained on other data than ``target`` (a dataset config): another dataset,
+    or the same one with other classes (a class split) or another root.
     """
     path, seen = Path(teacher_path), []
     while True:
         dataset = ck.load_checkpoint(path)["dataset"]
-        seen.append(dataset["name"])
-        if dataset["name"] != target:
+        seen.append(_describe(dataset))
+        if _data_of(dataset) != _data_of(target):
             return dataset
         parent = rundir.parent_path(path.parent)
         if not parent:
             raise StageError(
                 f"stage.transfer_set needs the teacher's source dataset, but its lineage "
-                f"({' <- '.join(seen)}) has only {target}; use stage.transfer_set=labeled or "
-                "target, or a teacher pretrained on another dataset"
+                f"({' <- '.join(seen)}) has only {_describe(target)}; use "
+                "stage.transfer_set=labeled or target, or a teacher pretrained on another dataset"
             )
         path = Path(parent)
+
+
+def _data_of(dataset: Mapping) -> tuple:
+    """What tells two datasets' images apart: name, root and classes."""
+    classes = dataset.get("classes")
+    return dataset["name"], dataset.get("root"), tuple(classes) if classes else None
+
+
+def _describe(dataset: Mapping) -> str:
+    classes = dataset.get("classes")
+    return dataset["name"] + (f" {list(classes)}" if classes else "")
 
 
 class NormalisedTeacher(torch.nn.Module):

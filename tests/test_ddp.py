@@ -104,6 +104,24 @@ def test_torchrun_distill_with_a_feature_method_and_transfer_set(parallel):
     assert len(list((cwd / "outputs" / "r" / ".teacher_cache").iterdir())) == 1
 
 
+def test_torchrun_distill_mixes_each_process_rows_and_selects_on_fidelity(parallel):
+    cwd, proc = parallel
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher = cwd / "outputs" / "r" / "pretrain"
+    done = torchrun(cwd, "distill", "run=r", "tag=mixed", *TINY, f"stage.from={teacher}",
+                    "stage.transfer_set=target", "stage.unlabeled_limit=80",
+                    "stage.unlabeled_ratio=1", "stage.mix=mixup", "stage.transfer_epochs=2",
+                    "stage.select=fidelity", "stage.fidelity_images=20")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = cwd / "outputs" / "r" / "mixed"
+    history = rows(folder)
+    # a pass over 80 labelled + 80 unlabelled images is ceil(160 / 80) = 2 steps of 40 + 40
+    assert len(history) == 2 and all(r["images"] == 160 for r in history)
+    assert all("fid_agree" in r and "val_acc" in r for r in history)
+    summary = json.loads((folder / "metrics.json").read_text())
+    assert summary["select"] == "fidelity" and summary["steps"] == 4
+
+
 def test_interrupted_torchrun_resumes_under_torchrun(tmp_path):
     args = ["pretrain", "run=r", *TINY[:3], "stage.epochs=30", *TINY[4:]]
     folder = tmp_path / "outputs" / "r" / "pretrain"

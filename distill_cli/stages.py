@@ -145,8 +145,8 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
                                       cache_at)  # fmt: skip
         val = _validation(st, data, goal.teacher)
-        summary = _train(st, student, data, goal.loss_fn, Phase(_epochs(cfg)), extra=goal.adapters,
-                         val=val)  # fmt: skip
+        phase = Phase(distillation.stage_epochs(cfg))
+        summary = _train(st, student, data, goal.loss_fn, phase, extra=goal.adapters, val=val)
         summary.update(teacher_params=n_params, teacher_normalisation=normalisation,
                        **_budget_spent(cfg, data), **goal.summary())  # fmt: skip
         st.manifest["teacher_prep"] = goal.teacher.info  # as prepared, checked, maybe fallen back
@@ -240,15 +240,10 @@ def _transfer_steps(transfer_epochs: int | None, images: int, per_step: int) -> 
     return max(1, math.ceil(images / per_step))
 
 
-def _epochs(cfg: DictConfig) -> int:
-    """The distill stage's epochs: ``stage.transfer_epochs``, else ``stage.epochs``."""
-    return cfg.stage.get("transfer_epochs") or cfg.stage.epochs
-
-
 def _budget_spent(cfg: DictConfig, data: Data) -> dict:
     """What a distill stage's schedule came to: epochs as counted, steps in all."""
     return {"transfer_epochs": cfg.stage.get("transfer_epochs"),
-            "steps": len(data.train) * _epochs(cfg)}  # fmt: skip
+            "steps": len(data.train) * distillation.stage_epochs(cfg)}  # fmt: skip
 
 
 def _record_data(st: Stage, x, indices: dict, num_classes: int, transfer: dict) -> dict:
@@ -272,7 +267,7 @@ def _record_data(st: Stage, x, indices: dict, num_classes: int, transfer: dict) 
              d.name, n_train, n_val, num_classes, tuple(x.shape[1:]))  # fmt: skip
     log.info("labelled budget: %s per class for training, %s for validation; checkpoint "
              "selection: %s", budget["train_per_class"], budget["val_per_class"],
-             _selection_text(st.cfg, budget))  # fmt: skip
+             _SELECTION_TEXT[budget["selection"]])  # fmt: skip
     if d.shots is not None and n_val > n_train:
         log.warning("the validation split holds %d labelled images, more than the %d trained on "
                     "(dataset.val_per_class=%s); the few-shot default holds out as many as the "
@@ -285,10 +280,6 @@ _SELECTION_TEXT = {"best_val": "the epoch with the best validation accuracy",
                    "fidelity": "the epoch with the best agreement with the teacher on held-out "
                                "unlabelled images (labels unused)",
                    "last": "the last epoch (nothing held out)"}  # fmt: skip
-
-
-def _selection_text(cfg: DictConfig, budget: dict) -> str:
-    return _SELECTION_TEXT[budget["selection"]]
 
 
 def _budget(n_train: int, n_val: int, num_classes: int, select: str = "val") -> dict:

@@ -312,7 +312,7 @@ def _terms(cfg, models, train, shape, device, teacher_shapes) -> list[Term]:
                  "".join(f"; {k} {v}" for k, v in distiller.record.items()))  # fmt: skip
         return distiller
 
-    context = Context(_epochs(cfg), feature_distiller, device)
+    context = Context(stage_epochs(cfg), feature_distiller, device)
     return _refuse(build_terms, OmegaConf.to_container(cfg.kd), context)
 
 
@@ -324,8 +324,8 @@ def _refuse(build: Callable, *args):
         raise StageError(str(exc)) from None
 
 
-def _epochs(cfg: DictConfig) -> int:
-    """The stage's epochs: passes over the transfer set with ``stage.transfer_epochs``."""
+def stage_epochs(cfg: DictConfig) -> int:
+    """The distill stage's epochs: ``stage.transfer_epochs``, else ``stage.epochs``."""
     return cfg.stage.get("transfer_epochs") or cfg.stage.epochs
 
 
@@ -367,7 +367,7 @@ def _teacher_forwards(cfg, train, cache_at) -> int:
     epochs (later ones hit it).
     """
     views = cfg.stage.get("aug_views") if cache_at is not None else None
-    epochs = _epochs(cfg) if not views else min(_epochs(cfg), views)
+    epochs = stage_epochs(cfg) if not views else min(stage_epochs(cfg), views)
     return epochs * len(train)
 
 
@@ -376,7 +376,7 @@ def _cache_fits(cfg, per_image, names, train) -> bool:
 
     ``per_image`` is the number of values cached per (view, image): logits and ``names``.
     """
-    seen = _epochs(cfg) * len(train) * train.batch_size
+    seen = stage_epochs(cfg) * len(train) * train.batch_size
     if cfg.stage.aug_views:
         seen = min(seen, cfg.stage.aug_views * train.num_samples)
     if 4 * per_image * seen > CACHE_BUDGET_BYTES:

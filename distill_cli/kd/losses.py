@@ -208,9 +208,9 @@ def logit_term(
 
     Labels of -1 mark samples without a class: DKD takes the teacher's top class as their
     target. With ``logit_standardize`` both models' logits are z-scored first
-    (:func:`standardize`).
+    (:func:`standardize`). Names are checked where the term is built
+    (:func:`check_logit_method`), not at every step.
     """
-    check_logit_method(method, logit_standardize)
     targets = torch.where(labels == UNLABELLED, teacher.argmax(1), labels)
     if logit_standardize:
         student, teacher = standardize(student), standardize(teacher)

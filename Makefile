@@ -42,7 +42,7 @@ LAST = optimizer.lr$(EQ)0.05/best.pt
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo mnist-usps mnist-usps-methods bench bench-distill bench-fewshot bench-kd \
-	bench-views cifar10-data cifar-split cifar-split-methods test lint format clean-demo
+	bench-views bench-harness bench-profile cifar10-data cifar-split cifar-split-methods test lint format clean-demo
 
 help: ## list the workflows
 	@echo "distill-cli: make <target>"
@@ -51,7 +51,9 @@ help: ## list the workflows
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# compat: the repository root goes on sys.path, so Hydra finds the sweeper plugin in hydra_plugins/
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]' \
+	    --config-settings editable_mode=compat
 	touch $@
 
 venv: $(STAMP) ## create .venv and install distill-cli with its test tools
@@ -276,6 +278,18 @@ cifar-split-methods: outputs/cifar_split/report.md ## the logit methods on the c
 bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the teacher's share of a step (~10 min)
 	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --variants plain,prepared,bf16,compile,compile_bf16 \
 	    --out docs/bench_kd_loop.json
+
+# The speed issue's harness job (#24): resnet8x4 -> cnn, 5,000 CIFAR-10 JPEGs (10 classes x 500),
+# batch 128, T=4, 3 epochs; against the usual PyTorch KD loop and torchdistill (installed here if
+# missing, without touching torch), with function matching's mixed step beside the plain one.
+bench-harness: $(STAMP) $(CIFAR10)/.extracted ## distill vs torchdistill and a plain KD loop on the harness job (~6 min)
+	$(BIN)/python -c "import torchdistill" 2>/dev/null || $(BIN)/pip install --quiet --no-deps 'torchdistill==1.1.5'
+	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --classes 10 --per-class 500 --epochs 3 \
+	    --parts reference,torchdistill,distill --variants prepared,mixed --long-epochs 0 \
+	    --out docs/bench_harness.json
+
+bench-profile: $(STAMP) $(CIFAR10)/.extracted ## where a step's time goes: distill, mixed, pretrain (~4 min)
+	$(BIN)/python bench/step_profile.py --data $(CIFAR10) --out docs/bench_step_profile.json
 
 bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_views=K, glyphs and CIFAR-10 (~10 min)
 	$(BIN)/python bench/aug_views.py --data glyphs --views 1,2,4,8,16,none --seeds 0,1,2 \

@@ -52,6 +52,11 @@ DISTILL = {  # distill-cli variants: the overrides of each, the epochs left out 
     "plain": (["stage.teacher_cache=false", "stage.teacher_prep=none"], 0),
     "prepared": (["stage.teacher_cache=false"], 0),  # the default, auto: folds a short job
     "bf16": (["stage.teacher_cache=false", "stage.teacher_precision=bfloat16"], 0),
+    # function matching's step (#20): mixup, the teacher live on the mixed batch, KL alone
+    "mixed": (
+        ["stage.teacher_cache=false", "stage.mix=mixup", "kd.ce_weight=0", "kd.kd_weight=1"],
+        0,
+    ),  # fmt: skip
     "compile": (["stage.teacher_cache=false", "stage.teacher_prep=compile"], 1),
     "compile_bf16": (
         [
@@ -105,6 +110,57 @@ def reference(root: Path, teacher_path: Path, epochs: int, batch: int, workers: 
             opt.step()
             seen += len(labels)
         rates.append(seen / (time.perf_counter() - start))
+    return rates
+
+
+def torchdistill_rates(root: Path, teacher_path: Path, epochs: int, batch: int,
+                      workers: int) -> list[float]:  # fmt: skip
+    """Images/s per epoch of torchdistill's ``DistillationBox`` on the reference's job.
+
+    The same data, transforms, models, SGD and Hinton KD (``KDLoss``, T=4, 0.1 CE + 0.9 KL) as
+    :func:`reference`, configured as torchdistill's sample configs do, trained by the loop of
+    its ``examples/torchvision/image_classification.py`` (``pip install torchdistill``).
+    """
+    from torchdistill.core.distillation import get_distillation_box
+    from torchvision import datasets, transforms
+
+    ckpt = ck.load_checkpoint(teacher_path)
+    teacher = ck.model_from_checkpoint(ckpt, teacher_path)
+    tf = transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(ckpt["mean"], ckpt["std"]),
+    ])  # fmt: skip
+    data = datasets.ImageFolder(root / "train", transform=tf)
+    torch.manual_seed(0)
+    student = build_model("cnn", len(data.classes), 3, 32)
+    kd = {"student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
+          "teacher_module_io": "output", "temperature": 4.0, "alpha": 0.1,
+          "reduction": "batchmean"}  # fmt: skip
+    config = {
+        "num_epochs": epochs,
+        "train_data_loader": {
+            "dataset_id": "train", "sampler": {"class_or_func": torch.utils.data.RandomSampler},
+            "kwargs": {"batch_size": batch, "num_workers": workers, "drop_last": True},
+        },
+        "teacher": {"forward_proc": "forward_batch_only", "requires_grad": False},
+        "student": {"forward_proc": "forward_batch_only", "requires_grad": True},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9, "nesterov": True,
+                                               "weight_decay": 5e-4}},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
+            "criterion": {"key": "KDLoss", "kwargs": kd}, "weight": 1.0}}}},
+    }  # fmt: skip
+    box = get_distillation_box(teacher, student, {"train": data}, config, torch.device("cpu"),
+                               None, False, 1)  # fmt: skip
+    rates = []
+    for epoch in range(epochs):
+        box.pre_epoch_process(epoch=epoch)
+        start, seen = time.perf_counter(), 0
+        for images, labels, supp in box.train_data_loader:
+            loss = box.forward_process(images, labels, supp)
+            box.post_forward_process(loss=loss)
+            seen += len(labels)
+        rates.append(seen / (time.perf_counter() - start))
+        box.post_epoch_process()
     return rates
 
 
@@ -220,6 +276,9 @@ def main() -> None:
         rates: dict[str, list[float]] = {}
         if "reference" in parts:
             rates["reference"] = reference(root, teacher, a.epochs, a.batch, a.workers)
+        if "torchdistill" in parts:
+            rates["torchdistill"] = torchdistill_rates(root, teacher, a.epochs, a.batch,
+                                                       a.workers)  # fmt: skip
         if "distill" in parts:
             for name in variants:
                 args, skip = DISTILL[name]
@@ -245,6 +304,12 @@ def main() -> None:
         medians = {k: round(statistics.median(v), 1) for k, v in rates.items() if v}
         result["images_per_sec"] = medians
         result["epochs_images_per_sec"] = {k: [round(r, 1) for r in v] for k, v in rates.items()}
+        if "torchdistill" in medians:
+            result["over_torchdistill"] = {
+                k: round(v / medians["torchdistill"], 2)
+                for k, v in medians.items()
+                if k != "torchdistill"
+            }
         if "reference" in medians:
             result["over_reference"] = {
                 k: round(v / medians["reference"], 2)

@@ -113,7 +113,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "") -> torch.
         model = build_model(**_renamed(ckpt["model"], ckpt["state_dict"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
-        name = ckpt.get("model", {}).get("name", "?")
+        config = ckpt.get("model", {})
+        name = config.get("name", "?") + (f" ({config['arch']})" if config.get("arch") else "")
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise CheckpointError(
             f"the weights in '{path}' do not fit a {name} model as described ({reason})"

@@ -4,6 +4,7 @@
     distill-cli distill -m run=demo kd.temperature=1,4 seed=0,1
     distill-cli report run=demo
     distill-cli distill -m run=demo hydra/sweeper=distill_optuna hydra/launcher=local
+    distill-cli distill -m run=demo hparams_search=kd_logit     # rerun to continue the study
     distill-cli pretrain --cfg job
     torchrun --nproc_per_node=4 -m distill_cli pretrain run=demo   # data parallel, 4 processes
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import os
 import string
 import sys
@@ -48,16 +50,18 @@ _PARALLEL_STAGES = ("pretrain", "finetune", "distill")  # the stages torchrun ma
 # Flags that only print something: no stage runs, so no preflight.
 _PRINT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version",
                 "--shell-completion", "-sc", "--resolve"}  # fmt: skip
-# Sweeper and launcher configs that need a plugin package: (group, name) -> plugin module.
+# Sweeper and launcher configs that need an optional package: (group, name) -> module, package.
+# The Optuna sweeper itself ships with distill-cli (hydra_plugins/distill_optuna_sweeper).
+_OPTUNA = ("optuna", "optuna")
+_JOBLIB = ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher")
+_SUBMITIT = ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")
 _PLUGINS = {
-    ("hydra/sweeper", "distill_optuna"): "hydra_optuna_sweeper",
-    ("hydra/sweeper", "optuna"): "hydra_optuna_sweeper",
-    ("hydra/launcher", "local"): "hydra_joblib_launcher",
-    ("hydra/launcher", "joblib"): "hydra_joblib_launcher",
-    ("hydra/launcher", "slurm"): "hydra_submitit_launcher",
-    ("hydra/launcher", "submitit_local"): "hydra_submitit_launcher",
-    ("hydra/launcher", "submitit_slurm"): "hydra_submitit_launcher",
-}
+    ("hydra/sweeper", "distill_optuna"): _OPTUNA, ("hydra/sweeper", "optuna"): _OPTUNA,
+    ("hparams_search", "*"): _OPTUNA,
+    ("hydra/launcher", "local"): _JOBLIB, ("hydra/launcher", "joblib"): _JOBLIB,
+    ("hydra/launcher", "slurm"): _SUBMITIT, ("hydra/launcher", "submitit_local"): _SUBMITIT,
+    ("hydra/launcher", "submitit_slurm"): _SUBMITIT,
+}  # fmt: skip
 SEARCH_STAGES = ("pretrain", "finetune", "distill")  # the stages that return a validation accuracy
 
 
@@ -135,14 +139,14 @@ def preflight(overrides: list[str], max_jobs: int = 256) -> None:
         choices = {o.key_or_group: o.get_value_element_as_str() for o in parsed
                    if not o.is_sweep_override()}  # fmt: skip
         _require_plugins(choices)
-        search = choices.get("hydra/sweeper", "basic") != "basic"
+        search = _search_label(choices)
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
             jobs = _search_jobs(parsed) if search else basic_sweep_jobs(parsed)
             for i, job in enumerate(jobs[:max_jobs]):
                 cfg = compose(config_name="config", overrides=job)
                 check(cfg)
                 if search and i == 0:
-                    _check_search(cfg, choices["hydra/sweeper"])
+                    _check_search(cfg, search)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf composition errors
@@ -152,14 +156,23 @@ def preflight(overrides: list[str], max_jobs: int = 256) -> None:
 
 
 def _require_plugins(choices: dict[str, str]) -> None:
-    """Refuse a sweeper or launcher whose plugin package is not installed, naming the extra."""
+    """Refuse a sweeper or launcher whose package is not installed, naming the extra."""
     for group, name in choices.items():
-        module = _PLUGINS.get((group, name))
-        if module and importlib.util.find_spec(f"hydra_plugins.{module}") is None:
+        needs = _PLUGINS.get((group, name)) or (
+            _PLUGINS.get((group, "*")) if name not in ("null", "None") else None
+        )
+        if needs and importlib.util.find_spec(needs[0]) is None:
             raise ConfigError(
-                f"{group}={name} needs the {module.replace('_', '-')} package: "
-                "pip install 'distill-cli[sweep]'"
+                f"{group}={name} needs the {needs[1]} package: pip install 'distill-cli[sweep]'"
             )
+
+
+def _search_label(choices: dict[str, str]) -> str | None:
+    """How the command chose a search sweeper (``hparams_search=kd_logit``), or None."""
+    if choices.get("hparams_search") not in (None, "null", "None"):
+        return f"hparams_search={choices['hparams_search']}"
+    sweeper = choices.get("hydra/sweeper", "basic")
+    return None if sweeper == "basic" else f"hydra/sweeper={sweeper}"
 
 
 def _search_jobs(parsed: list) -> list[list[str]]:
@@ -196,18 +209,18 @@ def _extremes(override) -> list[str]:
     return values if override.is_choice_sweep() else [values[0], values[-1]]
 
 
-def _check_search(cfg: DictConfig, sweeper: str) -> None:
+def _check_search(cfg: DictConfig, search: str) -> None:
     """A search maximises the validation accuracy a training stage returns: both must exist."""
     if cfg.stage.name not in SEARCH_STAGES:
         raise ConfigError(
-            f"hydra/sweeper={sweeper} searches a training stage ({', '.join(SEARCH_STAGES)}); "
+            f"{search} searches a training stage ({', '.join(SEARCH_STAGES)}); "
             f"{cfg.stage.name} returns no validation accuracy"
         )
     d = OmegaConf.to_container(cfg.dataset)  # ??? keys (dataset=upstream) come back as "???"
     held_out = d["val_per_class"] if d["val_per_class"] is not None else d["shots"]
     if held_out == 0 or (held_out is None and d["val_fraction"] == 0):
         raise ConfigError(
-            f"hydra/sweeper={sweeper} maximises validation accuracy: keep "
+            f"{search} maximises validation accuracy: keep "
             "dataset.val_per_class > 0 (or, without dataset.shots, dataset.val_fraction > 0)"
         )
 
@@ -230,9 +243,14 @@ def _job_subdir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from distill_cli.evaluation.study import TrialRef, trial_folder
+
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
+    trial = TrialRef.from_env()  # the Optuna sweeper's trials: numbered by the shared study
+    if trial is not None:
+        return trial_folder(trial.number)
     if not str(hc.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return f"trial={hc.job.num}"
     swept = set(filter(None, os.environ.get(_SWEEP_ENV, "").split(";")))
@@ -286,7 +304,7 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _task(cfg: DictConfig) -> float | None:
+def _task(cfg: DictConfig) -> float | str | None:
     """The Hydra task: run one stage; user errors end in one line and exit code 2.
 
     In a multirun a failed job does not stop the sweep: its error is printed and recorded, the
@@ -305,6 +323,8 @@ def _task(cfg: DictConfig) -> float | None:
     _stop_with_the_sweep()
     from distill_cli import distributed, runtime
     from distill_cli.console import print_error
+    from distill_cli.evaluation.study import PRUNED
+    from distill_cli.search import TrialPruned
     from distill_cli.stagefolder import USER_ERRORS
     from distill_cli.stages import run_stage
     from distill_cli.training import Interrupted
@@ -314,6 +334,9 @@ def _task(cfg: DictConfig) -> float | None:
         result = run_stage(cfg, _job_subdir())
         distributed.shutdown(together=True)
         return result
+    except TrialPruned as exc:  # the search's pruner stopped this trial: not a failure
+        logging.getLogger("distill_cli").info("%s: %s", _job_subdir(), exc)
+        return PRUNED
     except USER_ERRORS as exc:
         return _user_error(exc)
     except (Interrupted, KeyboardInterrupt) as exc:

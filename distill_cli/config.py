@@ -19,7 +19,7 @@ STAGES = ("pretrain", "finetune", "distill", "eval", "export", "report")
 MODELS = (
     "cnn", "cnn_padded", "resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
     "vit_tiny", "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "lstm_rows",
-    "resnet18", "resnet50", "mobilenet_v3_small",
+    "resnet18", "resnet50", "mobilenet_v3_small", "timm",
 )  # fmt: skip
 TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v3_small")  # accept model.weights
 DATASETS = (
@@ -212,7 +212,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a list of run names or shell-style patterns (e.g. [seed1,cs_k*])",
     ),  # fmt: skip
     "model.name": _one_of(MODELS),
-    "model.weights": _optional(_STR),  # imagenet, or a path to a torchvision state_dict
+    # torchvision: imagenet or a path to a state_dict; timm: pretrained or a path to a checkpoint
+    "model.weights": _optional(_STR),
+    "model.arch": (_STR[0], "a timm architecture name, e.g. resnet18d"),  # model=timm
+    "model.kwargs": _optional(
+        (
+            lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+            "a mapping of timm.create_model arguments, e.g. {drop_path_rate: 0.1}",
+        )
+    ),  # model=timm: one value, handed to timm whole
     "dataset.name": _one_of(DATASETS),
     "dataset.root": _optional(_STR),
     "dataset.download": _BOOL,
@@ -336,6 +344,7 @@ def check(cfg: DictConfig) -> None:
         ok, expected = RULES[key]
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    _check_weights(cfg.model)
     logit, standardized = kd_methods("logit"), kd_methods("standardized")
     if kd.get("name") in logit and kd.get("feat_weight"):
         raise ConfigError(
@@ -366,6 +375,18 @@ def check(cfg: DictConfig) -> None:
                 f"stage.probe_epochs={cfg.stage.probe_epochs} exceeds stage.epochs="
                 f"{cfg.stage.epochs}: the probe is part of the epochs"
             )
+
+
+def _check_weights(model: DictConfig) -> None:
+    """``model.weights`` names the published weights of its own library."""
+    weights = model.get("weights")
+    published = {"timm": "pretrained"}.get(model.get("name"), "imagenet")
+    other = {"pretrained", "imagenet"} - {published}
+    if weights in other:
+        raise ConfigError(
+            f"model.weights={weights} does not apply to model={model.name}: its published "
+            f"weights are model.weights={published} (or a path to a local file)"
+        )
 
 
 def _given(node: DictConfig, key: str) -> Any:

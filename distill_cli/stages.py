@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import checkpoint as ck
-from distill_cli import distributed, rundir, runtime
+from distill_cli import distributed, rundir, runtime, search
 from distill_cli.data import (
     Augment,
     BatchLoader,
@@ -333,7 +333,9 @@ def _build(cfg: DictConfig, data: Data) -> torch.nn.Module:
     """The configured model for this data; ``model.weights`` starts it from published weights."""
     c, h, _ = data.shape
     try:
-        return build_model(cfg.model.name, data.num_classes, c, h, weights=cfg.model.get("weights"))
+        options = OmegaConf.to_container(cfg.model, resolve=True)
+        del options["name"]  # weights (torchvision, timm), arch and kwargs (timm)
+        return build_model(cfg.model.name, data.num_classes, c, h, **options)
     except ValueError as exc:  # unknown weights, failed download, bad file: one line already
         raise StageError(str(exc)) from None
 
@@ -398,7 +400,7 @@ def _train(st: Stage, model, data: Data, loss_fn, phase: Phase, *,
                 _scaler(st), o.get("clip_grad_norm"), phase.frozen_backbone)  # fmt: skip
     schedule = Schedule(phase.epochs, phase.first_epoch, total, s.val_every)
     saving = Checkpointing(_saver(st, model, data, extra), s.save_every_s, resume, phase.best)
-    report = Reporting(st.folder / "metrics.jsonl", st.tracker.log_epoch)
+    report = Reporting(st.folder / "metrics.jsonl", search.epoch_hook(st.tracker.log_epoch))
     return fit(step, data.train, data.val if val is None else val, schedule, saving, report)
 
 

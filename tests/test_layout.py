@@ -44,6 +44,7 @@ TOP_LEVEL = {
     "distill_cli.stagefolder": "stages",
     "distill_cli.training": "stages",
     "distill_cli.selection": "stages",
+    "distill_cli.search": "stages",
     "distill_cli.runtime": "stages",
     "distill_cli.distributed": "stages",
     "distill_cli.trackers": "stages",

@@ -31,7 +31,7 @@ def _needs(module: str, extra: str):
     return pytest.mark.skipif(missing, reason=f"needs {module}: pip install 'distill-cli[{extra}]'")
 
 
-OPTUNA = _needs("hydra_plugins.hydra_optuna_sweeper", "sweep")
+OPTUNA = _needs("optuna", "sweep")  # the sweeper itself ships in hydra_plugins/
 JOBLIB = _needs("hydra_plugins.hydra_joblib_launcher", "sweep")
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
@@ -59,8 +59,9 @@ def test_optuna_search_returns_each_trials_validation_accuracy(make_cfg, tmp_pat
     run_stage(make_cfg("stage=pretrain", "run=r", *TINY, "stage.epochs=1"))  # the teacher
     cli_ok("distill", "-m", "hydra/sweeper=distill_optuna", "hydra.sweeper.n_trials=2", "run=r",
            "stage.from=outputs/r/pretrain", *TINY, "stage.epochs=1", cwd=tmp_path)  # fmt: skip
-    trials = sorted((tmp_path / "outputs" / "r" / "distill").iterdir())
+    trials = sorted((tmp_path / "outputs" / "r" / "distill").glob("trial=*"))
     assert [t.name for t in trials] == ["trial=0", "trial=1"]
+    assert (tmp_path / "outputs" / "r" / "optuna.journal").is_file()  # the study persists
     scores = [json.loads((t / "metrics.json").read_text())["best_val_acc"] for t in trials]
     (results,) = (tmp_path / "outputs" / ".multirun").glob("*/optimization_results.yaml")
     best = yaml.safe_load(results.read_text())
@@ -110,6 +111,16 @@ def test_preflight_checks_the_yaml_search_space(monkeypatch, tmp_path):
 def test_a_search_needs_a_validation_accuracy(overrides, message):
     with pytest.raises(ConfigError, match=message):
         preflight(["hydra/sweeper=distill_optuna", *overrides])
+
+
+@OPTUNA
+def test_a_named_search_is_checked_like_the_sweeper(monkeypatch):
+    with pytest.raises(ConfigError, match="hparams_search=kd_logit searches a training stage"):
+        preflight(["stage=eval", "hparams_search=kd_logit"])
+    preflight(["stage=distill", "hparams_search=kd_logit"])
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"needs the optuna package: pip install"):
+        preflight(["stage=distill", "hparams_search=kd_logit"])
 
 
 def test_a_missing_plugin_names_the_extra(monkeypatch):

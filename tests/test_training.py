@@ -202,3 +202,28 @@ def test_fit_with_clipping_caps_every_step_and_logs_the_norm(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert len(norms) == 2 * len(train) and max(norms) <= 1e-3 * (1 + 1e-5)
     assert all(r["train_grad_norm"] > 1e-3 for r in rows)  # the norms before clipping
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_optimizer_takes_the_per_parameter_loops_steps(name):
+    """build_optimizer's fused update is the textbook loop's arithmetic, up to float rounding."""
+    torch.manual_seed(0)
+    fast = build_model("cnn_padded", 3, 3, 8)
+    slow = build_model("cnn_padded", 3, 3, 8)
+    slow.load_state_dict(fast.state_dict())
+    opt = build_optimizer([{"params": list(fast.parameters())}], name, 0.05, weight_decay=5e-4,
+                          momentum=0.9, nesterov=True)  # fmt: skip
+    assert opt.defaults["fused"] or opt.defaults["foreach"]
+    kwargs = {"momentum": 0.9, "nesterov": True} if name == "sgd" else {}
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    ref = cls(slow.parameters(), lr=0.05, weight_decay=5e-4, foreach=False, **kwargs)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    start = [p.detach().clone() for p in fast.parameters()]
+    for _ in range(4):
+        for model, o in ((fast, opt), (slow, ref)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # steps of 0.05: 1e-5 is rounding
+    assert all(not torch.equal(a, b) for a, b in zip(fast.parameters(), start, strict=True))

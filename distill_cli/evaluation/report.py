@@ -43,6 +43,7 @@ from distill_cli.evaluation.curves import (
     moving_note,
     shots_curves,
 )
+from distill_cli.evaluation.study import StudyError, study_tables
 from distill_cli.rundir import write_text
 
 log = logging.getLogger("distill_cli")
@@ -91,6 +92,9 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
         notes += moving_note(moving)
     shots = _shots_files(run_dir, curves, metrics) if curves else None
     text = render_markdown(run_dir.name, configs, jobs, metrics, notes, shots, weak)
+    studies = _studies(run_dir)
+    text += "".join(f"\n## {title}\n\n" + "\n".join(_markdown(table)) + "\n"
+                    for title, table in studies)  # fmt: skip
     write_text(run_dir / "report.md", text)
     write_text(run_dir / "report.csv", render_csv(configs))
     title = f"report · run {run_dir.name}"
@@ -110,6 +114,8 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
         _print(f"{title} · Δ {metric} over scratch against labelled images per class", shots.gains)
     if failed:
         _print(f"{title} · {len(failed)} failed or unfinished", failed_table(jobs))
+    for study_title, table in studies:
+        _print(f"{title} · {study_title}", table)
     for note in notes:
         log.info("%s", note)
     log.info(
@@ -496,6 +502,15 @@ def _notes(
                 f"{c.name}: several jobs share a seed; all count in n, one of them in the pairing"
             )
     return notes
+
+
+def _studies(run_dir: Path) -> list[tuple[str, Table]]:
+    """The tables of the run's Optuna searches (trials, importances); none without a search."""
+    try:
+        return study_tables(run_dir)
+    except StudyError as exc:
+        log.warning("the run's search study cannot be read: %s", exc)
+        return []
 
 
 def _run_dir(out_dir: Path, run: str | None) -> Path:

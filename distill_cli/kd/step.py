@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 
 from distill_cli.kd.mixing import draw
 from distill_cli.kd.teacher_cache import TeacherCache
@@ -77,10 +78,14 @@ class DistillStep:
         """One step's logits and loss parts: ``{"loss", <term names>, [logged values]}``."""
         batch = self.batch(x, y)
         if self.mixing is not None:
-            batch = self.mixing(batch)
-        targets = self.teacher(batch)
-        outputs = self.student(model, batch)
-        return outputs.logits, self.loss(outputs, targets, batch)
+            with record_function("mixing"):
+                batch = self.mixing(batch)
+        with record_function("teacher"):
+            targets = self.teacher(batch)
+        with record_function("student"):
+            outputs = self.student(model, batch)
+        with record_function("terms"):
+            return outputs.logits, self.loss(outputs, targets, batch)
 
     def batch(self, x: Tensor, y: Tensor) -> Batch:
         """The loader's batch, with the rows and views of its images and the epoch."""

@@ -31,9 +31,25 @@ FORMAT = 2
 
 
 def cache_key(parts: dict) -> str:
-    """A short stable hash of everything the teacher's outputs depend on (JSON-serialisable)."""
-    text = json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str)
+    """A short stable hash of everything the teacher's outputs depend on (JSON-serialisable).
+
+    The installed timm version joins ``parts``: a timm teacher's code may change between versions
+    while its checkpoint (hashed in ``parts``, with the architecture, the timm version it was
+    built with and where its weights came from) stays the same.
+    """
+    text = json.dumps({"format": FORMAT, "timm": _version("timm"), **parts}, sort_keys=True,
+                      default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package``, or None; read from its metadata, not imported."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _tolerance(dtype: torch.dtype) -> float:

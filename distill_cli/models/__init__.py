@@ -3,8 +3,8 @@
     distill-cli pretrain model=resnet8x4      # build_model("resnet8x4", num_classes=..., ...)
 
 ``interface`` defines ``DistillModel``; ``registry`` maps names to builders; ``resnets``,
-``convnets``, ``sequence`` and ``torchvision_models`` hold the families. Nothing here reads the
-config or the data.
+``convnets``, ``sequence``, ``torchvision_models`` and ``timm_models`` (with ``timm_weights``)
+hold the families; ``fold`` prepares a frozen teacher. Nothing here reads the config or the data.
 """
 
 from distill_cli.models.interface import DistillModel

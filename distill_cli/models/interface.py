@@ -7,6 +7,8 @@ only ever sees it through ``distill_cli.models.build_model``, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 
@@ -23,7 +25,7 @@ class DistillModel(nn.Module):
         self.num_features = num_features
         self.num_classes = num_classes
         self.head = nn.Linear(num_features, num_classes)
-        self.config: dict = {}  # filled by build_model
+        self.config: dict = {}  # build_model adds name, classes, channels and size to its own
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -51,6 +53,10 @@ class DistillModel(nn.Module):
             x = stage(x)
             features[name] = x
         return self.forward_head(x), features
+
+    def fx_leaves(self) -> tuple[tuple[type[nn.Module], ...], tuple[Callable, ...]]:
+        """Module types and functions that ``torch.fx`` must not trace into (``fold``): none."""
+        return (), ()
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces ``head`` with a freshly initialised one for ``num_classes`` classes."""

@@ -8,11 +8,14 @@ everything below it builds one from plain arguments::
     logits, feats = model.forward_with_features(x)  # feats["layer3"], feats["pooled"], ...
     model.reset_classifier(10)                      # fresh head before finetuning
     twin = build_model(**model.config)              # the config is what a checkpoint stores
+    build_model("timm", 10, arch="resnet18d", weights="pretrained")  # any timm architecture
 
 Parameters whose name starts with ``head.`` are the classifier; all others are the backbone.
 The interface lives in ``interface``; the architectures in ``resnets`` (CIFAR ResNets,
 Wide ResNets), ``convnets`` (VGG, MobileNetV2, ShuffleNetV2), ``sequence`` (ViT, row
-LSTM) and ``torchvision_models`` (ImageNet models, optionally pretrained through ``weights``).
+LSTM), ``torchvision_models`` (ImageNet models, optionally pretrained through ``weights``) and
+``timm_models`` (any timm architecture, ``model=timm model.arch=NAME``; timm is imported only
+when one is built).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from distill_cli.models.convnets import VGG, MobileNetV2, ShuffleNetV2
 from distill_cli.models.interface import DistillModel
 from distill_cli.models.resnets import CifarResNet, WideResNet
 from distill_cli.models.sequence import LSTMRows, ViT
+from distill_cli.models.timm_models import TimmNet
 from distill_cli.models.torchvision_models import TORCHVISION_MODELS, TorchvisionNet
 
 
@@ -85,7 +89,9 @@ MODELS: dict[str, Callable[..., DistillModel]] = {
     "vit_tiny": ViT,
     "lstm_rows": LSTMRows,
     **{arch: partial(TorchvisionNet, arch=arch) for arch in TORCHVISION_MODELS},
+    "timm": TimmNet,  # any timm architecture: needs arch
 }
+WEIGHTED = (*TORCHVISION_MODELS, "timm")  # the models that take weights
 
 
 def build_model(
@@ -94,6 +100,9 @@ def build_model(
     in_channels: int = 3,
     image_size: int = 32,
     weights: str | None = None,
+    arch: str | None = None,
+    kwargs: dict | None = None,
+    origin: dict | None = None,
 ) -> DistillModel:
     """Builds a model by name and records the arguments that rebuild it in ``model.config``.
 
@@ -102,10 +111,15 @@ def build_model(
         num_classes: Classifier outputs.
         in_channels: Image channels.
         image_size: Image height and width, in pixels.
-        weights: Torchvision models only: None (random init), ``"imagenet"`` (download
-            torchvision's published weights) or a path to a torchvision state_dict file. The
-            head is always fresh. Not recorded in ``config``: a checkpoint rebuilds the model
-            and loads its own weights, so it never downloads again.
+        weights: Torchvision models: None (random init), ``"imagenet"`` (download torchvision's
+            published weights) or a path to a torchvision state_dict file. ``timm``: None,
+            ``"pretrained"`` (timm's published weights, from the local Hugging Face cache) or a
+            path to a checkpoint. The head is always fresh. Not recorded in ``config``: a
+            checkpoint rebuilds the model and loads its own weights, so it never downloads again
+            (a timm model records where its weights came from in ``config["origin"]``).
+        arch: ``timm`` only: the timm architecture name.
+        kwargs: ``timm`` only: keyword arguments for ``timm.create_model``.
+        origin: ``timm`` only, recorded: ``config["origin"]`` of the model being rebuilt.
 
     Raises:
         ValueError: If the name is unknown, a size is too small, or the weights do not apply
@@ -118,16 +132,21 @@ def build_model(
             f"need num_classes >= 1, in_channels >= 1, image_size >= 4; got "
             f"{num_classes}, {in_channels}, {image_size}"
         )
-    if weights is not None and name not in TORCHVISION_MODELS:
-        raise ValueError(f"model.weights applies to {', '.join(TORCHVISION_MODELS)}, not to {name}")
-    extra = {} if weights is None else {"weights": weights}
-    model = MODELS[name](num_classes, in_channels, image_size, **extra)
+    if weights is not None and name not in WEIGHTED:
+        raise ValueError(f"model.weights applies to {', '.join(WEIGHTED)}, not to {name}")
+    timm_only = {"arch": arch, "kwargs": kwargs, "origin": origin}
+    given = {k: v for k, v in timm_only.items() if v is not None}
+    if given and name != "timm":
+        raise ValueError(f"model.{next(iter(given))} applies to model=timm, not to {name}")
+    extra = {"weights": weights} if weights is not None else {}
+    model = MODELS[name](num_classes, in_channels, image_size, **extra, **given)
     # Plain ints (not e.g. OmegaConf or numpy values) so checkpoints load with weights_only=True.
     model.config = {
         "name": name,
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
         "image_size": int(image_size),
+        **model.config,  # a model's own build arguments (timm: arch, kwargs, origin)
     }
     return model
 

@@ -1,0 +1,1 @@
+"""distill-cli's Optuna sweeper for Hydra (Optuna >= 4, ask/tell, persistent storage)."""

@@ -285,7 +285,7 @@ bench-kd: $(STAMP) $(CIFAR10)/.extracted ## distill vs the usual KD loop; the te
 bench-harness: $(STAMP) $(CIFAR10)/.extracted ## distill vs torchdistill and a plain KD loop on the harness job (~6 min)
 	$(BIN)/python -c "import torchdistill" 2>/dev/null || $(BIN)/pip install --quiet --no-deps 'torchdistill==1.1.5'
 	$(BIN)/python bench/kd_loop.py --data $(CIFAR10) --classes 10 --per-class 500 --epochs 3 \
-	    --parts reference,torchdistill,distill --variants prepared,mixed --long-epochs 0 \
+	    --parts reference,torchdistill,distill --variants prepared,float32,mixed --long-epochs 0 \
 	    --out docs/bench_harness.json
 
 bench-profile: $(STAMP) $(CIFAR10)/.extracted ## where a step's time goes: distill, mixed, pretrain (~4 min)

@@ -11,9 +11,11 @@ every step, Hinton KD at T=4 (``0.1 * CE + 0.9 * T^2 * KL``, ``batchmean``) and 
 images, teacher checkpoint, student (``cnn``, the seed's CNN) and batch size (128). Against it:
 
 - ``distill`` **uncached** (``stage.teacher_cache=false``: the teacher runs on every batch) with
-  the teacher as today (``stage.teacher_prep=none``) and prepared (the default,
-  ``stage.teacher_prep=fold``); ``--variants`` adds ``bf16`` (``stage.teacher_precision=
-  bfloat16``) and ``compile`` (``stage.teacher_prep=compile``, its first epoch left out);
+  the plain float32 teacher (``plain``: ``stage.teacher_prep=none``) and prepared (``prepared``:
+  the defaults, ``auto`` preparation and precision: folded, and in bfloat16 on a CPU with native
+  bfloat16); ``--variants`` adds ``float32`` (the default preparation, the exact float32
+  teacher), ``bf16`` (``stage.teacher_precision=bfloat16``), ``mixed`` (function matching's
+  step) and ``compile`` (``stage.teacher_prep=compile`` in float32, its first epoch left out);
 - ``distill`` **cached**: a second job of the same run, another seed and temperature, that
   reads every teacher output the first (uncached-cost) job stored;
 - ``distill`` **uncached, long** (``--long-epochs``): the default preparation (``auto``) on a job
@@ -49,15 +51,28 @@ from distill_cli.kd.teacher_prep import PreparedTeacher
 from distill_cli.models import build_model
 
 DISTILL = {  # distill-cli variants: the overrides of each, the epochs left out of the median
-    "plain": (["stage.teacher_cache=false", "stage.teacher_prep=none"], 0),
-    "prepared": (["stage.teacher_cache=false"], 0),  # the default, auto: folds a short job
+    "plain": (
+        ["stage.teacher_cache=false", "stage.teacher_prep=none", "stage.teacher_precision=float32"],
+        0,
+    ),  # fmt: skip
+    # the default: auto preparation (folds a short job) and auto precision (bfloat16 on a CPU
+    # with native bfloat16, else float32)
+    "prepared": (["stage.teacher_cache=false"], 0),
+    "float32": (["stage.teacher_cache=false", "stage.teacher_precision=float32"], 0),
     "bf16": (["stage.teacher_cache=false", "stage.teacher_precision=bfloat16"], 0),
     # function matching's step (#20): mixup, the teacher live on the mixed batch, KL alone
     "mixed": (
         ["stage.teacher_cache=false", "stage.mix=mixup", "kd.ce_weight=0", "kd.kd_weight=1"],
         0,
     ),  # fmt: skip
-    "compile": (["stage.teacher_cache=false", "stage.teacher_prep=compile"], 1),
+    "compile": (
+        [
+            "stage.teacher_cache=false",
+            "stage.teacher_prep=compile",
+            "stage.teacher_precision=float32",
+        ],
+        1,
+    ),  # fmt: skip
     "compile_bf16": (
         [
             "stage.teacher_cache=false",
@@ -69,7 +84,8 @@ DISTILL = {  # distill-cli variants: the overrides of each, the epochs left out 
 }
 TEACHER = {  # in-process teacher variants: PreparedTeacher's (prep, precision)
     "plain": ("none", None),
-    "prepared": ("fold", None),
+    "prepared": ("fold", None),  # float32 here: the in-process timing has no auto precision
+    "float32": ("fold", "float32"),
     "bf16": ("fold", "bfloat16"),
     "compile": ("compile", None),
     "compile_bf16": ("compile", "bfloat16"),
@@ -321,7 +337,8 @@ def main() -> None:
                 long["job_over_reference"] = round(
                     long["job_images_per_sec"] / medians["reference"], 2)  # fmt: skip
         if "teacher" in parts:
-            result["teacher"] = teacher_share(teacher, root, a.batch, variants, a.rounds, a.reps)
+            timed = [v for v in variants if v in TEACHER]  # mixed has no in-process form
+            result["teacher"] = teacher_share(teacher, root, a.batch, timed, a.rounds, a.reps)
     report = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or
                     platform.machine(), "python": platform.python_version(),

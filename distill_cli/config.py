@@ -38,7 +38,7 @@ SELECTS = ("val", "fidelity")  # stage.select: selection.SELECT
 FINETUNE_MODES = ("full", "linear", "linear_then_full")
 AMP_DTYPES = ("bfloat16", "float16")
 TEACHER_PREPS = ("none", "fold", "compile", "auto")  # kd.teacher_prep.PREPS
-TEACHER_PRECISIONS = ("float32", "bfloat16", "float16")  # kd.teacher_prep.PRECISIONS
+TEACHER_PRECISIONS = ("float32", "bfloat16", "float16", "auto")  # teacher_prep.PRECISIONS, auto
 REPORT_METRICS = (
     "best_val_acc", "last_val_acc", "best_epoch", "train_time_s", "params", "top1", "top5", "nll",
     "ece", "agreement", "kept", "macs", "latency_ms_p50",

@@ -142,8 +142,9 @@ def distill(cfg: DictConfig, job_subdir: str | None = None) -> float | None:
             )
         use_cache = cfg.stage.teacher_cache and not data.streamed
         cache_at = cache_location(st, data.info, teacher_stats) if use_cache else None
+        amp = runtime.amp_enabled(st.device, cfg.device.amp)
         goal = distillation.objective(cfg, teacher, student, data.train, data.shape, st.device,
-                                      cache_at)  # fmt: skip
+                                      cache_at, student_amp=amp)  # fmt: skip
         val = _validation(st, data, goal.teacher)
         phase = Phase(distillation.stage_epochs(cfg))
         summary = _train(st, student, data, goal.loss_fn, phase, extra=goal.adapters, val=val)

@@ -14,6 +14,29 @@ from hydra import compose, initialize_config_dir
 from distill_cli.cli import conf_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+# Folders of the checkout the tests may leave changed: tool caches, the environment, and the
+# user's own outputs/ and data/ (a demo running beside the suite writes there).
+NOT_WATCHED = {".git", ".venv", ".pytest_cache", ".ruff_cache", "__pycache__", "outputs", "data",
+               "build", ".distill_cache"}  # fmt: skip
+
+
+def checkout_files(root: Path = REPO) -> set[str]:
+    """Every file under ``root`` outside :data:`NOT_WATCHED` folders, relative to ``root``."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in NOT_WATCHED and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, f), root) for f in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_checkout_stays_clean():
+    """No test leaves a file in the checkout (a stray ``glyph_bn.pid`` once got committed)."""
+    before = checkout_files()
+    yield
+    new = sorted(checkout_files() - before)
+    assert not new, f"the tests wrote {len(new)} file(s) into the checkout: {', '.join(new[:5])}"
 
 
 def pytest_configure(config) -> None:

@@ -130,3 +130,27 @@ def test_aug_views_benchmark_smoke(tmp_path):
     views = json.loads(out.read_text())["views"]
     assert views["none"]["hit_rate"]["mean"] == 0.0 and views["1"]["hit_rate"]["mean"] > 0
     assert views["none"]["time_over_none"] == 1.0 and views["1"]["best_val_acc"]["mean"] >= 0
+
+
+def test_teacher_precision_benchmark_smoke(tmp_path, make_cfg):
+    from distill_cli.config import check
+    from distill_cli.stages import run_stage
+    from tests.conftest import TINY
+
+    cfg = make_cfg("stage=pretrain", "run=p", "dataset=glyphs_target", *TINY, "model=resnet8")
+    check(cfg)
+    run_stage(cfg, None)
+    teacher = tmp_path / "outputs" / "p" / "pretrain" / "best.pt"
+    out = tmp_path / "precision.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "teacher_precision.py"), str(teacher),
+         "--batch", "64", "--rounds", "1", "--out-dir", str(tmp_path / "outputs"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = json.loads(out.read_text())["teachers"]
+    assert report["images"] > 0 and 0.9 <= report["top1_agreement"] <= 1
+    assert 0 <= report["kl_mean"] <= report["kl_max"] < 1e-2
+    assert report["max_relative_logit_error"] < 5e-2  # within the stage's half tolerance
+    assert report["checks"]["float32"] < 1e-3 and report["forward_ms"]["bfloat16"] > 0

@@ -121,9 +121,9 @@ def test_a_pretrain_teacher_sees_its_own_normalisation(make_cfg, teacher_run, mo
     seen = {}
     real = distillation.objective
 
-    def spy(cfg, teacher, student, train, shape, device, cache_at):
+    def spy(cfg, teacher, student, train, shape, device, cache_at, **options):
         seen.update(teacher=teacher, train=train)
-        return real(cfg, teacher, student, train, shape, device, cache_at)
+        return real(cfg, teacher, student, train, shape, device, cache_at, **options)
 
     monkeypatch.setattr(distillation, "objective", spy)
     cfg = make_cfg("stage=distill", "run=p", f"stage.from={out / 'p' / 'pretrain'}", *TGT,
@@ -228,8 +228,8 @@ def test_interrupted_crd_resumes_to_the_same_weights_and_memory_bank(
 
     real = distillation.objective
 
-    def stopping_objective(cfg, teacher, student, train, shape, device, cache_at):
-        goal = real(cfg, teacher, student, train, shape, device, cache_at)
+    def stopping_objective(cfg, teacher, student, train, shape, device, cache_at, **options):
+        goal = real(cfg, teacher, student, train, shape, device, cache_at, **options)
         calls = {"n": 0}
 
         def loss(model, x, y):

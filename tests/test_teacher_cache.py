@@ -187,7 +187,9 @@ def test_jobs_of_a_sweep_share_the_teacher_cache(teacher_run):
 
 
 def test_cached_entries_equal_the_live_teacher(teacher_run):
-    folder, manifest = _job(teacher_run, "v", "stage.aug_views=2", "kd=crd")
+    # float32: compared with the eval-mode teacher below (auto is bfloat16 on some CPUs)
+    folder, manifest = _job(teacher_run, "v", "stage.aug_views=2", "kd=crd",
+                            "stage.teacher_precision=float32")  # fmt: skip
     assert manifest["teacher_cache"]["hit_rate"] == pytest.approx(1 / 3, abs=0.01)  # epoch 3
     path = manifest["teacher_cache"]["file"]
     payload = torch.load(path, weights_only=True)
@@ -224,9 +226,10 @@ def test_the_switch_turns_the_cache_off(teacher_run):
 
 
 def test_the_cache_key_records_the_teacher_preparation(teacher_run):
-    _, plain = _job(teacher_run, "prep_none", "stage.teacher_prep=none")
-    _, folded = _job(teacher_run, "prep_fold", "stage.teacher_prep=fold")
-    _, again = _job(teacher_run, "prep_none2", "stage.teacher_prep=none", "kd.temperature=2")
+    exact = "stage.teacher_precision=float32"  # the tolerance below is float32's
+    _, plain = _job(teacher_run, "prep_none", "stage.teacher_prep=none", exact)
+    _, folded = _job(teacher_run, "prep_fold", "stage.teacher_prep=fold", exact)
+    _, again = _job(teacher_run, "prep_none2", "stage.teacher_prep=none", "kd.temperature=2", exact)
     assert plain["teacher_prep"]["prep"] == "none" and folded["teacher_prep"]["prep"] == "fold"
     assert folded["teacher_prep"]["folded"] == 9 and folded["teacher_prep"]["max_error"] < 1e-3
     assert plain["teacher_cache"]["key"] != folded["teacher_cache"]["key"]
@@ -251,3 +254,19 @@ def test_auto_keeps_the_preparation_a_sweep_already_cached(teacher_run, monkeypa
     assert third["teacher_prep"]["prep"] == "fold"
     assert third["teacher_prep"]["auto"]["decision"] == "fold: too short a job to pay for a compile"
     assert third["teacher_prep"]["auto"]["forwards"] == 3  # min(3 epochs, 4 views) x 1 batch
+
+
+@pytest.mark.parametrize("flag", ["amx_bf16", None])
+def test_the_default_precision_follows_the_cpu_and_keys_the_cache(teacher_run, monkeypatch, flag):
+    monkeypatch.setattr("distill_cli.kd.distillation.native_bf16_cpu", lambda: flag)
+    _, auto = _job(teacher_run, f"auto_{flag}", "kd.temperature=3")
+    _, exact = _job(teacher_run, f"exact_{flag}", "kd.temperature=3",
+                    "stage.teacher_precision=float32")  # fmt: skip
+    prep = auto["teacher_prep"]
+    assert prep["precision"] == ("bfloat16" if flag else None)
+    assert prep["precision_auto"].startswith("bfloat16" if flag else "as the student")
+    assert exact["teacher_prep"]["precision"] == "float32"
+    assert "precision_auto" not in exact["teacher_prep"]
+    if flag:  # within the half-precision tolerance; its outputs cached under their own key
+        assert prep["max_error"] <= prep["tolerance"] == 5e-2
+        assert auto["teacher_cache"]["key"] != exact["teacher_cache"]["key"]

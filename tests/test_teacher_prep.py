@@ -10,7 +10,13 @@ from omegaconf import OmegaConf
 from distill_cli.config import ConfigError, StageError, check
 from distill_cli.kd import teacher_prep
 from distill_cli.kd.distillation import _prepared_teacher
-from distill_cli.kd.teacher_prep import TOLERANCE, PreparedTeacher, resolve
+from distill_cli.kd.teacher_prep import (
+    TOLERANCE,
+    PreparedTeacher,
+    native_bf16_cpu,
+    resolve,
+    resolve_precision,
+)
 from distill_cli.models import build_model
 from distill_cli.models.fold import fold_batchnorm
 from tests.test_fold import random_statistics
@@ -105,6 +111,53 @@ def test_precision_is_the_teachers_own():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the student's autocast
         assert fp32(x)["logits"].dtype == torch.float32
     assert fp32.checked is True
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    flags = {"amx": "fpu sse avx512f avx512_bf16 amx_bf16 amx_tile",
+             "avx512": "fpu sse avx512f avx512_vnni avx512_bf16",
+             "none": "fpu sse avx2 avx512f avx512_vnni"}  # fmt: skip
+    found = {}
+    for name, line in flags.items():
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {line}\n\nprocessor\t: 1\n")
+        found[name] = native_bf16_cpu.__wrapped__(str(cpuinfo))
+    assert found == {"amx": "amx_bf16", "avx512": "avx512_bf16", "none": None}
+    assert native_bf16_cpu.__wrapped__(str(tmp_path / "absent")) is None  # not Linux
+
+
+def test_auto_precision_is_bfloat16_only_for_a_float32_student_on_a_native_bf16_cpu():
+    assert resolve_precision("auto", "cpu", False, "amx_bf16")[0] == "bfloat16"
+    assert resolve_precision("auto", "cpu", False, None) == (
+        None,
+        "as the student (float32): no native bfloat16 on this CPU",
+    )
+    assert resolve_precision("auto", "cpu", True, "amx_bf16")[0] is None  # the student's bf16
+    assert resolve_precision("auto", "cuda", False, "amx_bf16")[0] is None
+    for asked in (None, "float32", "bfloat16", "float16"):  # asked for: kept, no reason
+        assert resolve_precision(asked, "cpu", False, "amx_bf16") == (asked, None)
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", None])
+def test_the_default_teacher_precision_follows_the_cpu(make_cfg, monkeypatch, flag):
+    monkeypatch.setattr("distill_cli.kd.distillation.native_bf16_cpu", lambda: flag)
+    cfg = make_cfg("stage=distill", "device=cpu")
+    assert cfg.stage.teacher_precision == "auto"
+    prepared = _prepared_teacher(cfg, _teacher(), [], torch.device("cpu"))
+    out = prepared(_batch())
+    assert prepared.checked is True and "precision_auto" in prepared.info
+    if flag:  # bfloat16, within the half-precision tolerance of the float32 teacher
+        assert out["logits"].dtype == torch.bfloat16
+        assert prepared.key()["precision"] == "bfloat16"
+        assert prepared.info["max_error"] <= TOLERANCE["half"]
+        assert "precision bfloat16 (auto)" in prepared.summary()
+    else:
+        assert out["logits"].dtype == torch.float32 and prepared.key()["precision"] is None
+    exact = _prepared_teacher(make_cfg("stage=distill", "device=cpu",
+                                       "stage.teacher_precision=float32"),
+                              _teacher(), [], torch.device("cpu"))  # fmt: skip
+    assert exact(_batch())["logits"].dtype == torch.float32
+    assert "precision_auto" not in exact.info
 
 
 def test_the_cache_key_records_the_preparation():

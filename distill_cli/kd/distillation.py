@@ -36,7 +36,13 @@ from distill_cli.kd.step import (
     teacher_features,
 )
 from distill_cli.kd.teacher_cache import TeacherCache, cache_key
-from distill_cli.kd.teacher_prep import COMPILE_AFTER_S, PreparedTeacher, resolve
+from distill_cli.kd.teacher_prep import (
+    COMPILE_AFTER_S,
+    PreparedTeacher,
+    native_bf16_cpu,
+    resolve,
+    resolve_precision,
+)
 from distill_cli.kd.terms import Context, Term, build_terms
 
 log = logging.getLogger("distill_cli")
@@ -235,6 +241,7 @@ def objective(
     shape: tuple[int, int, int],
     device: torch.device,
     cache_at: tuple[Path, dict] | None = None,
+    student_amp: bool = False,
 ) -> Objective:
     """The distill step (:class:`step.DistillStep`) for :func:`training.fit`, and its parts.
 
@@ -254,6 +261,8 @@ def objective(
         device: Where the adapters live.
         cache_at: (file, key parts) of the teacher cache from ``stages.cache_location``; None runs
             the teacher on every batch.
+        student_amp: Whether the student trains under autocast (``stage.teacher_precision=auto``
+            keeps the student's format then).
     """
     mixing = _mixing(cfg)
     shapes: dict[str, tuple[int, ...]] = {}  # the teacher's feature shapes, once a term asks
@@ -275,7 +284,7 @@ def objective(
     if cache_at is not None and not _cache_fits(cfg, per_image, names, train):
         cache_at = None
     prepared = _prepared_teacher(
-        cfg, teacher, names, device, _teacher_forwards(cfg, train, cache_at)
+        cfg, teacher, names, device, _teacher_forwards(cfg, train, cache_at), student_amp
     )
     cache = _cache(cache_at, prepared, names, train, device)
     source = LiveTeacher(prepared) if cache is None else CachedTeacher(cache)
@@ -344,10 +353,13 @@ def _cache(cache_at, prepared: PreparedTeacher, names, train, device) -> Teacher
     return TeacherCache(prepared, train.num_samples, file, file.stem, device)
 
 
-def _prepared_teacher(cfg, teacher, names, device, forwards: int = 0) -> PreparedTeacher:
+def _prepared_teacher(
+    cfg, teacher, names, device, forwards: int = 0, student_amp: bool = False
+) -> PreparedTeacher:
     """The teacher as ``stage.teacher_prep`` and ``stage.teacher_precision`` prepare it.
 
-    ``forwards`` is the number of teacher forwards the job expects (what ``auto`` weighs).
+    ``forwards`` is the number of teacher forwards the job expects (what ``auto`` weighs);
+    ``student_amp`` whether the student trains under autocast (what precision ``auto`` weighs).
     """
     precision = cfg.stage.get("teacher_precision")
     if precision == "float16" and device.type != "cuda":
@@ -357,7 +369,12 @@ def _prepared_teacher(cfg, teacher, names, device, forwards: int = 0) -> Prepare
         )
     prep = resolve(cfg.stage.get("teacher_prep"), cfg.device.compile)
     after = cfg.stage.get("teacher_compile_after_s", COMPILE_AFTER_S)  # absent in older configs
-    return PreparedTeacher(teacher, names, prep, precision, forwards, after)
+    precision, why = resolve_precision(precision, device.type, student_amp, native_bf16_cpu())
+    prepared = PreparedTeacher(teacher, names, prep, precision, forwards, after)
+    if why is not None:
+        prepared.info["precision_auto"] = why
+        log.info("stage.teacher_precision=auto: %s", why)
+    return prepared
 
 
 def _teacher_forwards(cfg, train, cache_at) -> int:

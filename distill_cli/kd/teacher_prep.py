@@ -19,6 +19,8 @@ an eager graph) can go before the first step:
 
 ``precision`` runs the teacher's forward in its own number format whatever the student's:
 ``float32`` (autocast off), ``bfloat16`` or ``float16`` (autocast); None keeps the student's.
+``stage.teacher_precision=auto`` (the default) is settled by :func:`resolve_precision`:
+``bfloat16`` for a float32 student on a CPU with native bfloat16 dot products, else the student's.
 
 Every preparation is compared once with the plain teacher on a real batch: each output (logits
 and the features the method reads) must lie within :data:`TOLERANCE` of the plain one, relative
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +61,53 @@ COMPILE_AFTER_S = 120.0
 # ``auto`` drops a compiled teacher whose forward, on the first batch, takes longer than this
 # times the folded one's (the fastest of 3 calls each)
 SLOWER = 1.1
+
+
+# CPU flags of native bfloat16 dot products (x86). With AVX-512 BF16 and no AMX a bfloat16 teacher
+# forward measured 2.3x to 3.7x a float32 one; with AMX tiles too, an uncached distill job ran
+# 3.2x faster (docs/performance.md). Without them bfloat16 has no native multiply-add and was
+# not measured to pay.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU flag that gives this processor native bfloat16 dot products, or None.
+
+    Read from ``cpuinfo``'s first ``flags`` line (Linux on x86); elsewhere (macOS, Windows,
+    ARM, whose bfloat16 speed has not been measured here) None.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
+
+
+def resolve_precision(
+    precision: str | None, device_type: str, student_amp: bool, native_bf16: str | None
+) -> tuple[str | None, str | None]:
+    """``stage.teacher_precision``, with ``auto`` settled for this device and student.
+
+    ``auto`` runs the teacher in ``bfloat16`` where that pays and the student trains in float32:
+    on a CPU whose ``native_bf16`` flag (:func:`native_bf16_cpu`) gives bfloat16 dot
+    products. Everywhere else it keeps the student's format: on CUDA the student's autocast
+    already is, and without the flag bfloat16 is emulated and slower.
+
+    Returns:
+        The precision for :class:`PreparedTeacher`, and for ``auto`` why (else None).
+    """
+    if precision != "auto":
+        return precision, None
+    if device_type != "cpu":
+        return None, f"as the student: auto picks a format on the CPU only, not on {device_type}"
+    if student_amp:
+        return None, "as the student: it trains under bfloat16 autocast already"
+    if native_bf16 is None:
+        return None, "as the student (float32): no native bfloat16 on this CPU"
+    return "bfloat16", f"bfloat16: native bfloat16 dot products on this CPU ({native_bf16})"
 
 
 def resolve(prep: str | None, compile: bool) -> str:
@@ -219,8 +270,9 @@ class PreparedTeacher:
             self.info.update(prep="compile", max_error=max(self.info["max_error"], error))
 
     def _fall_back(self, why: str) -> None:
+        precision = "auto" if "precision_auto" in self.info else self.precision
         asked = f"stage.teacher_prep={self.asked}" + (
-            f" stage.teacher_precision={self.precision}" if self.precision else ""
+            f" stage.teacher_precision={precision}" if precision else ""
         )
         log.warning("%s not used (%s): the plain teacher runs", asked, why)
         self.info = {"prep": "none", "precision": None, "fallback": f"{asked}: {why}"}
@@ -257,7 +309,8 @@ class PreparedTeacher:
             parts.append(f"auto: {i['auto']['decision']} (estimated teacher time "
                          f"{i['auto']['estimated_teacher_s']:.0f} s, compiles from "
                          f"{i['auto']['compile_after_s']:g} s)")  # fmt: skip
-        parts.append(f"precision {self.precision or 'as the student'}")
+        parts.append(f"precision {self.precision or 'as the student'}"
+                     + (" (auto)" if "precision_auto" in i else ""))  # fmt: skip
         if "max_error" in i:
             parts.append(f"outputs within {i['max_error']:.2g} of the plain teacher's "
                          f"(tolerance {i['tolerance']:g})")  # fmt: skip

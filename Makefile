@@ -288,7 +288,7 @@ bench-harness: $(STAMP) $(CIFAR10)/.extracted ## distill vs torchdistill and a p
 	    --parts reference,torchdistill,distill --variants prepared,float32,mixed --long-epochs 0 \
 	    --out docs/bench_harness.json
 
-bench-profile: $(STAMP) $(CIFAR10)/.extracted ## where a step's time goes: distill, mixed, pretrain (~4 min)
+bench-profile: $(STAMP) $(CIFAR10)/.extracted ## where a step's time goes: distill (default, float32), mixed, pretrain (~6 min)
 	$(BIN)/python bench/step_profile.py --data $(CIFAR10) --out docs/bench_step_profile.json
 
 bench-views: $(STAMP) $(CIFAR10)/.extracted ## accuracy and time of stage.aug_views=K, glyphs and CIFAR-10 (~10 min)

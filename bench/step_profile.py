@@ -18,7 +18,8 @@ The jobs (one teacher, ``resnet8x4`` pretrained ``--teacher-epochs`` on the imag
 
 - ``distill``: the harness job of issue #24, ``resnet8x4`` -> ``cnn``, Hinton KD at T=4,
   batch 128, the teacher run on every batch (``stage.teacher_cache=false``, default
-  preparation);
+  preparation and precision: ``auto``, a bfloat16 teacher on a CPU with native bfloat16);
+- ``float32``: the same job with the float32 teacher (``stage.teacher_precision=float32``);
 - ``mixed``: the same job with function matching's step: ``stage.mix=mixup`` (Beta(1, 1)),
   KL to the teacher alone (``kd.ce_weight=0 kd.kd_weight=1``);
 - ``pretrain``: ``pretrain model=cnn`` on the same images, batch 128.
@@ -53,7 +54,8 @@ LABELS = ("data", "forward", "mixing", "teacher", "student", "terms", "backward"
 TOP = ("data", "forward", "backward", "optimizer", "bookkeeping")  # not nested in one another
 KD = ["model=cnn", "stage.teacher_cache=false", "kd.temperature=4"]
 JOBS = {  # name: (stage, overrides)
-    "distill": ("distill", KD),
+    "distill": ("distill", KD),  # the default teacher precision (auto: bfloat16 on some CPUs)
+    "float32": ("distill", [*KD, "stage.teacher_precision=float32"]),
     "mixed": ("distill", [*KD, "stage.mix=mixup", "stage.mix_alpha=1.0", "kd.ce_weight=0",
                           "kd.kd_weight=1"]),
     "pretrain": ("pretrain", ["model=cnn"]),
@@ -100,7 +102,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--teacher-epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--jobs", default="distill,mixed,pretrain")
+    p.add_argument("--jobs", default="distill,float32,mixed,pretrain")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     report: dict = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,6 +57,23 @@ def pytest_configure(config) -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
+def needs_extra(*modules: str, extra: str) -> pytest.MarkDecorator:
+    """Skip, with the reason, where an optional extra is not installed (a bare GPU machine)."""
+
+    def missing(module: str) -> bool:
+        top = module.split(".")[0]
+        return importlib.util.find_spec(top) is None or (
+            "." in module and importlib.util.find_spec(module) is None
+        )
+
+    absent = [m for m in modules if missing(m)]
+    return pytest.mark.skipif(
+        bool(absent), reason=f"needs {', '.join(absent)}: pip install 'distill-cli[{extra}]'"
+    )
+
+
+ONNX = needs_extra("onnx", "onnxscript", "onnxruntime", extra="export")
 
 # Small enough that a stage runs in about a second on 2 CPU cores.
 TINY = ["model=cnn", "stage.epochs=2", "stage.batch_size=32", "dataset.fraction=0.05"]

@@ -8,6 +8,7 @@ import pytest
 from distill_cli import checkpoint as ck
 from distill_cli.config import check
 from distill_cli.stages import StageError, run_stage
+from tests.conftest import ONNX
 
 TGT = ["dataset=glyphs_target", "dataset.shots=3", "stage.epochs=1", "stage.batch_size=16"]
 FAST_EVAL = ["stage.latency_runs=3", "stage.throughput_batch=8"]
@@ -84,7 +85,9 @@ def test_mnist_usps_cross_domain_matrix(make_cfg, shared_data):
     assert cells["mnist"]["n"] == 10000 and cells["usps"]["n"] == 2007  # '7 - seven' ~ '7'
 
 
-@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+@pytest.mark.parametrize(
+    "fmt,suffix", [pytest.param("onnx", ".onnx", marks=ONNX), ("torchscript", ".pt")]
+)
 def test_export_writes_a_checked_student_and_its_card(make_cfg, run_dir, fmt, suffix):
     _run(make_cfg, "stage=export", "run=e", f"stage.format={fmt}")
     target = run_dir / "export" / f"distill{suffix}"

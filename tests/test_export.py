@@ -16,12 +16,14 @@ from distill_cli.evaluation.export import (
     write_export_card,
 )
 from distill_cli.models import build_model
+from tests.conftest import ONNX
 
 # Our own torch.jit.load below; export_model silences these itself.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
 CASES = [("cnn", 3), ("resnet8", 1), ("vit_tiny", 3)]  # (model, in_channels), images 16x16
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = [pytest.param("onnx", marks=ONNX), "torchscript"]
 
 
 def tiny(name: str = "cnn", channels: int = 3) -> nn.Module:
@@ -53,7 +55,7 @@ class Noisy(nn.Module):
         return self.fc(x.flatten(1)) + torch.rand(x.shape[0], 5)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("name", "channels"), CASES)
 def test_export_matches_pytorch(tmp_path, name, channels, fmt):
     model = tiny(name, channels)  # left in train mode: export must switch its copy to eval
@@ -93,7 +95,7 @@ def test_unknown_format(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # trace's own check sees it too
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_failed_check_raises_and_keeps_old_file(tmp_path, fmt):
     path = tmp_path / f"noisy{SUFFIX[fmt]}"
     path.write_bytes(b"old")

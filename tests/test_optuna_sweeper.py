@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 
 from distill_cli.evaluation.report import report_run
 from distill_cli.evaluation.study import RETIRED, StudyError, check_storage
+
+optuna = pytest.importorskip("optuna", reason="needs optuna: pip install 'distill-cli[sweep]'")
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
 SEARCH = ["pretrain", "-m", "hparams_search=lr_wd", "run=r", "dataset=glyphs_target",

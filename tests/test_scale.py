@@ -1,6 +1,5 @@
 """Sweeps and scale: an Optuna search, the local and SLURM launchers, TensorBoard and MLflow."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,18 +20,10 @@ from distill_cli.cli import conf_dir, preflight
 from distill_cli.config import LOGGERS, RULES, ConfigError, check
 from distill_cli.stages import run_stage
 from distill_cli.trackers import Tracker
+from tests.conftest import needs_extra
 
-
-def _needs(module: str, extra: str):
-    """Skip, with the reason, where an optional extra is not installed (a bare GPU machine)."""
-    missing = importlib.util.find_spec(module.split(".")[0]) is None or (
-        "." in module and importlib.util.find_spec(module) is None
-    )
-    return pytest.mark.skipif(missing, reason=f"needs {module}: pip install 'distill-cli[{extra}]'")
-
-
-OPTUNA = _needs("optuna", "sweep")  # the sweeper itself ships in hydra_plugins/
-JOBLIB = _needs("hydra_plugins.hydra_joblib_launcher", "sweep")
+OPTUNA = needs_extra("optuna", extra="sweep")  # the sweeper itself ships in hydra_plugins/
+JOBLIB = needs_extra("hydra_plugins.hydra_joblib_launcher", extra="sweep")
 
 CLI = str(Path(sys.executable).parent / "distill-cli")
 TINY = ["dataset=glyphs_target", "dataset.shots=3", "model=cnn", "stage.batch_size=32"]
@@ -211,7 +202,14 @@ def test_slurm_launcher_config_builds_an_sbatch_script(tmp_path, monkeypatch):
 # --- experiment trackers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("logger", LOGGERS)
+TRACKER_PACKAGE = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # the rest need none
+
+
+@pytest.mark.parametrize(
+    "logger",
+    [pytest.param(name, marks=needs_extra(TRACKER_PACKAGE[name], extra="track"))
+     if name in TRACKER_PACKAGE else name for name in LOGGERS],
+)  # fmt: skip
 def test_every_logger_option_composes_and_checks(make_cfg, logger):
     from distill_cli.config import _leaves
 
@@ -228,7 +226,7 @@ def test_a_missing_tracker_package_is_one_line(make_cfg, monkeypatch):
         check(make_cfg("logger=mlflow"))
 
 
-@_needs("tensorboard", "track")
+@needs_extra("tensorboard", extra="track")
 def test_tensorboard_holds_the_metrics_jsonl_values(make_cfg):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -245,7 +243,7 @@ def test_tensorboard_holds_the_metrics_jsonl_values(make_cfg):
     assert "config/text_summary" in events.Tags()["tensors"]
 
 
-@_needs("mlflow", "track")
+@needs_extra("mlflow", extra="track")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy's, inside MLflow
 def test_mlflow_holds_the_metrics_and_the_resolved_config(make_cfg):
     from mlflow import MlflowClient
@@ -284,7 +282,7 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(caplog):
     assert "broken: disk full; it gets no more epochs" in caplog.text
 
 
-@_needs("mlflow", "track")
+@needs_extra("mlflow", extra="track")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_resumed_stage_continues_its_mlflow_run(tmp_path):
     from mlflow import MlflowClient

@@ -28,6 +28,7 @@ from distill_cli.kd.teacher_prep import PreparedTeacher  # noqa: E402
 from distill_cli.models import build_model  # noqa: E402
 from distill_cli.models.fold import fold_batchnorm  # noqa: E402
 from distill_cli.stages import run_stage  # noqa: E402
+from tests.conftest import ONNX  # noqa: E402
 
 # name -> (arch, kwargs, in_channels, image size)
 ARCHS = {
@@ -143,6 +144,7 @@ def test_folding_is_exact_and_covers_batchnormact(models, key):
     assert prepared.info["max_error"] <= prepared.info["tolerance"]
 
 
+@ONNX
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # timm's shape asserts, traced
 def test_onnx_and_torchscript_exports_match_pytorch(models, tmp_path):
     onnx = export_model(models["bnact"], tmp_path / "m.onnx", "onnx", (3, 32, 32))

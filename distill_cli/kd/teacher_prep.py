@@ -64,9 +64,9 @@ SLOWER = 1.1
 
 
 # CPU flags of native bfloat16 dot products (x86). With AVX-512 BF16 and no AMX a bfloat16 teacher
-# forward measured 2.3x to 3.7x a float32 one; with AMX tiles too, an uncached distill job ran
-# 3.2x faster (docs/performance.md). Without them bfloat16 has no native multiply-add and was
-# not measured to pay.
+# forward measured 2.3x to 3.7x a float32 one; with AMX tiles too, 4.2x to 4.6x, and an uncached
+# distill job 2.9x to 3.2x (docs/performance.md). Without them bfloat16 has no native
+# multiply-add and was not measured to pay.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -94,7 +94,7 @@ def resolve_precision(
     ``auto`` runs the teacher in ``bfloat16`` where that pays and the student trains in float32:
     on a CPU whose ``native_bf16`` flag (:func:`native_bf16_cpu`) gives bfloat16 dot
     products. Everywhere else it keeps the student's format: on CUDA the student's autocast
-    already is, and without the flag bfloat16 is emulated and slower.
+    already is bfloat16, and without the flag bfloat16 was not measured to pay.
 
     Returns:
         The precision for :class:`PreparedTeacher`, and for ``auto`` why (else None).

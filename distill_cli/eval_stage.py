@@ -25,6 +25,7 @@ from distill_cli.config import inherit_dataset
 from distill_cli.data import BatchLoader, DataError, ImageFiles, Normalise, StreamLoader, convert
 from distill_cli.evaluation import metrics, plots
 from distill_cli.evaluation.aggregate import choose_baselines, collect_jobs, group, weak_teachers
+from distill_cli.models import display_name
 from distill_cli.stagefolder import Stage, StageError, running
 
 log = logging.getLogger("distill_cli")
@@ -100,7 +101,7 @@ def _evaluate(st: Stage, path: Path, cache: dict) -> dict[str, Any]:
     )  # fmt: skip
     cache[str(path.resolve())] = {"logits": logits, "labels": labels, "ckpt": ckpt}
     result = {
-        **quality, **cost, "model": ckpt["model"]["name"], "dataset": own["name"],
+        **quality, **cost, "model": display_name(ckpt["model"]), "dataset": own["name"],
         "stage": ckpt["stage"], "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
         "checkpoint": str(path), "sha256": ck.sha256(path), "parent": _parent(path),
         **_budget(ckpt),

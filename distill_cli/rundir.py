@@ -345,4 +345,6 @@ def versions() -> dict[str, str]:
         "hydra": hydra.__version__,
         "omegaconf": omegaconf.__version__,
         "platform": platform.platform(),
+        # timm only where a timm model was built (imported lazily: it is slow to import)
+        **({"timm": sys.modules["timm"].__version__} if "timm" in sys.modules else {}),
     }

@@ -20,6 +20,8 @@ from distill_cli.training import Interrupted
 class TrialPruned(Interrupted):
     """The study's pruner stopped this trial; its stage folder keeps what it trained."""
 
+    status = "pruned"  # a search's outcome, not a failure: report lists it apart
+
 
 def epoch_hook(on_epoch: Callable[[dict], None] | None) -> Callable[[dict], None] | None:
     """``on_epoch``, followed in a search trial by the report to the study and the prune check."""

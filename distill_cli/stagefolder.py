@@ -352,8 +352,8 @@ def fail(st: Stage, exc: BaseException) -> None:
     """Record a failure or an interruption in the manifest; checkpoints already written stay."""
     stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
     reason = str(exc) or type(exc).__name__
-    st.manifest.update(status="interrupted" if stopped else "failed", finished=rundir.now(),
-                       error=reason)  # fmt: skip
+    status = getattr(exc, "status", "interrupted") if stopped else "failed"  # or "pruned"
+    st.manifest.update(status=status, finished=rundir.now(), error=reason)
     st.write_manifest()
     if not (stopped or isinstance(exc, USER_ERRORS)):
         log.exception("stage failed")

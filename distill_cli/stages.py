@@ -41,7 +41,7 @@ from distill_cli.data import (
 from distill_cli.eval_stage import evaluate_run, export_run
 from distill_cli.kd import distillation
 from distill_cli.kd.teacher_cache import TeacherCache
-from distill_cli.models import build_model, count_params
+from distill_cli.models import build_model, count_params, display_name
 from distill_cli.selection import Fidelity, Validation
 from distill_cli.stagefolder import Stage, StageError, finish, running
 from distill_cli.training import (
@@ -510,7 +510,8 @@ def _merge(first: dict, second: dict) -> dict:
 def _finish(st: Stage, model, summary: dict) -> float | None:
     """The stage's final metrics: what was trained on what, and how it went."""
     summary = {
-        "stage": st.cfg.stage.name, "model": model.config["name"], "params": count_params(model),
+        "stage": st.cfg.stage.name, "model": display_name(model.config),
+        "params": count_params(model),
         "dataset": st.cfg.dataset.name, "n_train": st.manifest["data"]["n_train"],
         "n_val": st.manifest["data"]["n_val"],
         **{k: st.manifest["data"][k] for k in ("train_per_class", "val_per_class", "selection")},

@@ -21,7 +21,8 @@ from typing import Any
 from distill_cli.rundir import flatten
 
 log = logging.getLogger("distill_cli")
-_MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # anything else: FAILED
+# anything else: FAILED
+_MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}
 
 
 class TrackerError(Exception):

@@ -118,7 +118,12 @@ class Tally:
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving a resumable ``last.pt``."""
+    """Training stopped on a signal after saving a resumable ``last.pt``.
+
+    ``status`` is what the stage folder's manifest records.
+    """
+
+    status = "interrupted"
 
 
 class _Stopped(Exception):

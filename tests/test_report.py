@@ -359,3 +359,32 @@ def test_a_baseline_is_only_paired_with_the_same_labelled_budget(tmp_path):
     distill = next(c for c in configs if c.name == "distill")
     assert distill.baseline is not None and distill.baseline.name == "scratch_same"
     assert next(c for c in configs if c.name == "legacy").labels == "?"
+
+
+def test_a_trial_its_search_pruned_is_not_a_failure(make_cfg, tmp_path, monkeypatch):
+    from distill_cli import search
+    from distill_cli.search import TrialPruned
+    from distill_cli.stages import run_stage
+    from tests.conftest import TINY
+
+    def pruning_hook(on_epoch):
+        def hook(row):
+            on_epoch(row)
+            raise TrialPruned(f"pruned by Optuna after epoch {row['epoch']} (val_acc 1.00)")
+
+        return hook
+
+    monkeypatch.setattr(search, "epoch_hook", pruning_hook)  # what a search's pruner does
+    cfg = make_cfg("stage=pretrain", "run=r", "tag=trial", *TINY)
+    check(cfg)
+    with pytest.raises(TrialPruned):
+        run_stage(cfg, None)
+    run_dir = tmp_path / "outputs" / "r"
+    manifest = json.loads((run_dir / "trial" / "manifest.json").read_text())
+    assert manifest["status"] == "pruned" and "after epoch 1" in manifest["error"]
+    write_job(run_dir, "other", status="failed", error="diverged")
+    report(make_cfg)
+    md = (run_dir / "report.md").read_text()
+    assert "1 failed or unfinished, 1 pruned by a search." in md
+    failed = md.split("## Failed or unfinished jobs")[1]
+    assert "| other |" in failed and "trial" not in failed

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-pytest.importorskip("timm")
+timm = pytest.importorskip("timm")
 from safetensors.torch import save_file  # noqa: E402  (timm brings safetensors)
 from timm.layers import BatchNormAct2d  # noqa: E402
 
@@ -342,6 +342,11 @@ def test_distill_folds_the_timm_teacher_and_eval_measures_it(pipeline):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     text = json.dumps(metrics)
     assert "macs" in text and "latency_ms_p50" in text
+    assert metrics["finetune"]["model"] == "timm:resnet10t"  # the arch, in tables too
+    finetune = json.loads((run / "finetune" / "metrics.json").read_text())
+    assert finetune["model"] == "timm:resnet10t"
+    versions = json.loads((run / "finetune" / "manifest.json").read_text())["versions"]
+    assert versions["timm"] == timm.__version__ == manifest["versions"]["timm"]  # the teacher
 
 
 def test_a_checkpoint_from_an_unknown_timm_arch_is_one_line_in_the_cli(pipeline, tmp_path):

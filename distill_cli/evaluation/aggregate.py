@@ -74,7 +74,7 @@ class Job:
     folder: str  # the tag, then a multirun job's subfolder; "RUN:" first for an added run
     tag: str
     stage: str | None
-    status: str  # the manifest's: completed, failed, interrupted, running
+    status: str  # the manifest's: completed, failed, interrupted, pruned (by a search), running
     config: dict[str, Any]  # the resolved config, flattened to dotted keys
     values: dict[str, float | None] = field(default_factory=dict)
     model: str | None = None
@@ -85,6 +85,11 @@ class Job:
     note: str | None = None
     started: str = "~"  # the manifest's ISO 8601 start time: sorts in time order
     labels: str = "?"  # labelled images per class, training + validation: "10+10"
+
+    @property
+    def failed(self) -> bool:
+        """Failed or unfinished; a trial its search pruned is neither (it ended as asked)."""
+        return not self.finished and self.status != "pruned"
 
     @property
     def replicate(self) -> tuple:

@@ -98,7 +98,7 @@ def report_run(cfg: DictConfig, job_subdir: str | None = None) -> None:
     write_text(run_dir / "report.md", text)
     write_text(run_dir / "report.csv", render_csv(configs))
     title = f"report · run {run_dir.name}"
-    failed = [j for j in jobs if not j.finished]
+    failed = [j for j in jobs if j.failed]
     _print(
         f"{title} · {len(jobs)} jobs in {len(configs)} configurations, mean ± std over seeds",
         configuration_table(configs, metrics),
@@ -150,7 +150,7 @@ def configuration_table(configs: list[Configuration], metrics: list[str]) -> Tab
         ("n", "n"),
         ("seeds", "seeds"),
     ]
-    if any(len(c.finished) < len(c.jobs) for c in configs):
+    if any(j.failed for c in configs for j in c.jobs):
         columns.append(("failed", "failed"))
     columns += [(m, METRICS[m][0]) for m in metrics]
     rows = []
@@ -163,7 +163,7 @@ def configuration_table(configs: list[Configuration], metrics: list[str]) -> Tab
             "dataset": str(c.first.config.get("dataset.name", "-")),
             "labels": c.labels,
             "seeds": seeds(c),
-            "failed": str(len(c.jobs) - n),
+            "failed": str(sum(j.failed for j in c.jobs)),
         }
         row.update({m: cell(c.stat(m), METRICS[m][1], n) for m in metrics})
         rows.append(row)
@@ -252,6 +252,11 @@ def _at(by_k: dict[int, tuple[Stat, Stat]], k: int, which: int) -> str:
     return cell(stat, ".1f", sign=which == 1) + (f" (n={stat.n})" if stat.mean is not None else "")
 
 
+def _pruned(jobs: list[Job]) -> int:
+    """How many jobs a search's pruner stopped (listed with their study, not as failures)."""
+    return sum(j.status == "pruned" for j in jobs)
+
+
 def failed_table(jobs: list[Job]) -> Table:
     """The jobs that failed or did not finish, with the error their manifest recorded."""
     columns = [
@@ -270,7 +275,7 @@ def failed_table(jobs: list[Job]) -> Table:
             "error": j.error or "-",
         }
         for j in jobs
-        if not j.finished
+        if j.failed
     ]
     return columns, rows
 
@@ -316,12 +321,13 @@ def render_markdown(
     weak: list[WeakTeacher] | None = None,
 ) -> str:
     """The report as markdown: what the numbers are, the tables, and notes."""
-    failed = [j for j in jobs if not j.finished]
+    failed = [j for j in jobs if j.failed]
     text = [
         f"# Report · run {run}",
         "",
         f"`distill-cli report`, {time.strftime('%Y-%m-%d %H:%M')}: {len(jobs)} jobs in "
-        f"{len(configs)} configurations, {len(failed)} failed or unfinished.",
+        f"{len(configs)} configurations, {len(failed)} failed or unfinished"
+        + (f", {pruned} pruned by a search." if (pruned := _pruned(jobs)) else "."),
         "",
         "Each cell is the mean ± sample standard deviation (ddof=1) over the n finished jobs of "
         "a configuration (the value alone when n=1; `(n=k)` where only k jobs have the metric). "
@@ -417,7 +423,7 @@ def render_csv(configs: list[Configuration]) -> str:
             "dataset": c.first.config.get("dataset.name"),
             "labels": c.labels,
             "n": len(c.finished),
-            "failed": len(c.jobs) - len(c.finished),
+            "failed": sum(j.failed for j in c.jobs),
             "seeds": seeds(c),
         }
         for m in METRICS:

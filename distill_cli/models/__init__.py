@@ -8,7 +8,14 @@ hold the families; ``fold`` prepares a frozen teacher. Nothing here reads the co
 """
 
 from distill_cli.models.interface import DistillModel
-from distill_cli.models.registry import MODELS, build_model, count_params
+from distill_cli.models.registry import MODELS, build_model, count_params, display_name
 from distill_cli.models.torchvision_models import TORCHVISION_MODELS
 
-__all__ = ["MODELS", "TORCHVISION_MODELS", "DistillModel", "build_model", "count_params"]
+__all__ = [
+    "MODELS",
+    "TORCHVISION_MODELS",
+    "DistillModel",
+    "build_model",
+    "count_params",
+    "display_name",
+]

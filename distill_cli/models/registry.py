@@ -151,6 +151,12 @@ def build_model(
     return model
 
 
+def display_name(config: dict) -> str:
+    """A model's name for tables: ``timm:<arch>`` for a timm model, else the zoo name."""
+    name = config.get("name", "?")
+    return f"{name}:{config['arch']}" if name == "timm" and config.get("arch") else name
+
+
 def count_params(model: nn.Module) -> int:
     """Counts all parameters, trainable and frozen."""
     return sum(p.numel() for p in model.parameters())

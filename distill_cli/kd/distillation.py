@@ -370,11 +370,9 @@ def _prepared_teacher(
     prep = resolve(cfg.stage.get("teacher_prep"), cfg.device.compile)
     after = cfg.stage.get("teacher_compile_after_s", COMPILE_AFTER_S)  # absent in older configs
     precision, why = resolve_precision(precision, device.type, student_amp, native_bf16_cpu())
-    prepared = PreparedTeacher(teacher, names, prep, precision, forwards, after)
     if why is not None:
-        prepared.info["precision_auto"] = why
         log.info("stage.teacher_precision=auto: %s", why)
-    return prepared
+    return PreparedTeacher(teacher, names, prep, precision, forwards, after, why)
 
 
 def _teacher_forwards(cfg, train, cache_at) -> int:

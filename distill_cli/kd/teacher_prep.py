@@ -131,6 +131,8 @@ class PreparedTeacher:
         forwards: ``auto`` only: the teacher forwards the job expects to run (its uncached
             batches).
         compile_after_s: ``auto`` only: the estimated teacher seconds from which it compiles.
+        precision_auto: Why ``stage.teacher_precision=auto`` chose ``precision``
+            (:func:`resolve_precision`); None when the precision was asked for.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class PreparedTeacher:
         precision: str | None = None,
         forwards: int = 0,
         compile_after_s: float = COMPILE_AFTER_S,
+        precision_auto: str | None = None,
     ) -> None:
         if prep not in PREPS or precision not in (None, *PRECISIONS):
             raise ValueError(f"teacher preparation {prep!r}, precision {precision!r}: unknown")
@@ -149,7 +152,10 @@ class PreparedTeacher:
         self.prep = "fold" if prep == "auto" else prep  # auto starts folded, may compile later
         self.forwards, self.compile_after_s = forwards, compile_after_s
         self.cached: str | None = None  # auto: the preparation whose outputs the cache holds
+        self.precision_auto = precision_auto
         self.info: dict = {"prep": self.prep, "precision": precision}
+        if precision_auto is not None:
+            self.info["precision_auto"] = precision_auto
         self.checked: bool | None = None  # None: not compared with the plain teacher yet
         self._run: Callable[[Tensor], dict[str, Tensor]] = self._plain
         if prep == "none" and precision is None:
@@ -270,7 +276,7 @@ class PreparedTeacher:
             self.info.update(prep="compile", max_error=max(self.info["max_error"], error))
 
     def _fall_back(self, why: str) -> None:
-        precision = "auto" if "precision_auto" in self.info else self.precision
+        precision = "auto" if self.precision_auto is not None else self.precision
         asked = f"stage.teacher_prep={self.asked}" + (
             f" stage.teacher_precision={precision}" if precision else ""
         )
@@ -310,7 +316,7 @@ class PreparedTeacher:
                          f"{i['auto']['estimated_teacher_s']:.0f} s, compiles from "
                          f"{i['auto']['compile_after_s']:g} s)")  # fmt: skip
         parts.append(f"precision {self.precision or 'as the student'}"
-                     + (" (auto)" if "precision_auto" in i else ""))  # fmt: skip
+                     + (" (auto)" if self.precision_auto is not None else ""))  # fmt: skip
         if "max_error" in i:
             parts.append(f"outputs within {i['max_error']:.2g} of the plain teacher's "
                          f"(tolerance {i['tolerance']:g})")  # fmt: skip
